@@ -1,0 +1,35 @@
+# Two commands a newcomer needs: `make run` (the local stack) and `make test` (everything CI runs).
+# Both build .venv from the pinned lock file first, so a fresh machine gets exactly what was tested.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast bench lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tokenpools up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Engine and unit tests only (no Envoy): seconds, for the edit loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration"
+
+bench: $(STAMP)
+	$(BIN)/tokenpools bench engine --json
+
+# Re-pin after editing dependencies in pyproject.toml (needs network to the registry).
+lock:
+	$(PY) -m pip install --quiet uv && $(PY) -m uv pip compile pyproject.toml --extra test \
+	  --python-version 3.11 --generate-hashes -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""tokenpools: admission control and autoscaling for multi-tenant LLM inference."""
