@@ -90,9 +90,10 @@ class Control(_Spec):
     gamma_debt: float = 0.7
     gamma_burst: float = 0.7
     # Throughput buckets hold this many seconds of their rate: how far a tenant may run ahead of its rate.
-    burst_seconds: float = 2.0
+    # Requests are charged input + max_tokens up front, so this should cover a typical request's duration.
+    burst_seconds: float = 5.0
     # An entitlement with no request for this long is idle: its unused baseline may be backfilled by others.
-    idle_seconds: float = 5.0
+    idle_seconds: float = 3.0
     # When a pool has no replicas, how long until capacity is likely (scale-from-zero), for Retry-After.
     scale_up_seconds: float = 30.0
 

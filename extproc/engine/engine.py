@@ -1,0 +1,649 @@
+"""The token-pool engine: admission, queue, reconcile/release and the control tick. Pure: no I/O, no clock.
+
+How a request is judged (see docs/ENGINE.md for the why):
+1. The entitlement must be Bound or Degraded, the pool must have replicas, the request must fit the pool's KV.
+2. Its own ceilings: concurrency and KV ceilings (guaranteed: its baseline; others: `burst`, else the pool),
+   the token-rate ceiling (guaranteed: its own bucket; others: `burst.tokensPerSecond`). Blocked → queue.
+3. *Protected* work is within the entitlement's effective allocation in every dimension and has tokens in its
+   own bucket. It is admitted whenever the pool physically has room; if preemptible work holds that room, the
+   engine evicts it; otherwise it waits at the front of the queue.
+4. Everything else is *burst* work (spot, preemptible, and anyone above allocation). It may use capacity that
+   is neither used nor held as headroom for active entitlements' allocations, and throughput from the pool's
+   surplus bucket. When it does not fit, or others are already waiting, the pool is *contended* for it: if its
+   weight beats the admission threshold (the lowest weight among admitted work) it queues, else 429.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+
+from ..config import Config
+from ..config.documents import ServiceClass, TokenEntitlementSpec, TokenPoolSpec
+from .decisions import Decision, Events, Reason, Verdict
+from .priority import burst_sample, ema, gap_sample, weight
+from .state import INF, EntitlementState, Lifecycle, PoolState, QueuedRequest, Reservation
+
+_EPS = 1e-9
+_OWN = frozenset({Reason.OVER_CONCURRENCY, Reason.OVER_KV, Reason.OVER_THROUGHPUT})
+
+
+class Engine:
+    def __init__(self, config: Config, now: float = 0.0) -> None:
+        self._now = now
+        self.pools: dict[str, PoolState] = {}
+        self._by_model: dict[str, PoolState] = {}
+        for name, doc in config.pools.items():
+            pool = PoolState(name, doc.spec, now)
+            self.pools[name] = pool
+            self._by_model[doc.spec.model] = pool
+        self.ents: dict[str, EntitlementState] = {}
+        for order, (name, doc) in enumerate(config.entitlements.items()):
+            pool = self.pools[doc.spec.pool_ref.name]
+            ent = EntitlementState(name, doc.spec, pool, order, now)
+            self.ents[name] = ent
+            pool.ents.append(ent)
+        self.inflight: dict[str, Reservation] = {}
+        self.waiting: dict[str, QueuedRequest] = {}
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        # Exactly-once accounting, checked by tests: every reservation taken is released once.
+        self.reserved_total = 0
+        self.released_total = 0
+        self.duplicate_releases = 0
+        for pool in self.pools.values():
+            self._control(pool, now, measure=False)
+
+    # ---- lookups for adapters -------------------------------------------------------------------------------
+
+    def pool_for_model(self, model: str) -> str | None:
+        pool = self._by_model.get(model)
+        return pool.name if pool else None
+
+    def entitlement_spec(self, name: str) -> TokenEntitlementSpec | None:
+        ent = self.ents.get(name)
+        return ent.spec if ent else None
+
+    def pool_spec(self, name: str) -> TokenPoolSpec | None:
+        pool = self.pools.get(name)
+        return pool.spec if pool else None
+
+    # ---- admission ------------------------------------------------------------------------------------------
+
+    def admit(
+        self, request_id: str, entitlement: str, input_tokens: int, max_tokens: int | None, now: float
+    ) -> Decision:
+        now = self._clock(now)
+        if request_id in self.inflight or request_id in self.waiting:
+            raise ValueError(f"request id {request_id!r} is already known to the engine")
+        if input_tokens < 0 or (max_tokens is not None and max_tokens < 1):
+            raise ValueError(f"bad token counts: input={input_tokens} max_tokens={max_tokens}")
+        e = self.ents.get(entitlement)
+        if e is None:
+            return Decision(Verdict.REJECT, request_id, Reason.NOT_BOUND, max_tokens=max_tokens or 0)
+        mt = max_tokens if max_tokens is not None else e.max_tokens_default
+        if not e.serving:
+            return self._reject(e, request_id, Reason.NOT_BOUND, None, mt)
+        p = e.pool
+        e.last_arrival = now
+        if not e.active:
+            e.active = True
+            self._set_head(e)
+        kv = input_tokens + mt
+        if p.cap_conc == 0:
+            return self._reject(e, request_id, Reason.NO_CAPACITY, p.spec.control.scale_up_seconds, mt)
+        if kv > p.cap_kv or kv > e.c_kv:
+            return self._reject(e, request_id, Reason.OVER_KV, None, mt)  # can never fit: no retry helps
+
+        reason, protected = self._check(e, kv, kv, now)
+        behind = False
+        if reason is None and (e.queue or self._outranked(e, p)):
+            reason, behind = Reason.POOL_CONTENDED, True  # others wait already: no jumping the queue
+        evict: list[str] = []
+        if reason is Reason.POOL_CONTENDED and protected and not behind:
+            evict = self._evict_for(e, kv, now)
+            if evict:
+                reason = None
+        if reason is None:
+            self._reserve(e, request_id, input_tokens, mt, kv, protected, now)
+            return Decision(Verdict.ADMIT, request_id, max_tokens=mt, evict=evict)
+        if reason in _OWN or protected or e.weight > p.threshold:
+            return self._enqueue(e, request_id, input_tokens, mt, reason, now)
+        return self._reject(e, request_id, Reason.POOL_CONTENDED, self._retry(e, reason, kv, now), mt)
+
+    def _check(self, e: EntitlementState, kv: float, cost: float, now: float) -> tuple[Reason | None, bool]:
+        """Can `e` start a request of this size now? Returns (blocking reason or None, protected)."""
+        p = e.pool
+        if e.in_flight + 1 > e.c_conc:
+            return Reason.OVER_CONCURRENCY, False
+        if e.kv + kv > e.c_kv:
+            return Reason.OVER_KV, False
+        if e.ceiling is not None:
+            e.ceiling.refill(now)
+            if not e.ceiling.can_take(cost):
+                return Reason.OVER_THROUGHPUT, False
+        b = e.bucket
+        if b is not None:
+            spill = b.refill(now)
+            if spill:
+                p.surplus.refill(now)
+                p.surplus.level = min(p.surplus.depth, p.surplus.level + spill)
+            if e.cls is ServiceClass.GUARANTEED and not b.can_take(cost):
+                return Reason.OVER_THROUGHPUT, False
+            if e.in_flight + 1 <= e.a_conc + _EPS and e.kv + kv <= e.a_kv + _EPS and b.can_take(cost):
+                if p.used_conc + 1 <= p.cap_conc and p.used_kv + kv <= p.cap_kv:
+                    return None, True
+                return Reason.POOL_CONTENDED, True
+        # Burst work: only what is neither used nor held for other active entitlements.
+        free_conc = p.cap_conc - p.used_conc - (p.head_conc - e.h_conc)
+        free_kv = p.cap_kv - p.used_kv - (p.head_kv - e.h_kv)
+        if free_conc < 1 - _EPS or free_kv < kv - _EPS:
+            return Reason.POOL_CONTENDED, False
+        p.surplus.refill(now)
+        if not p.surplus.can_take(cost):
+            return Reason.POOL_CONTENDED, False
+        return None, False
+
+    @staticmethod
+    def _outranked(e: EntitlementState, p: PoolState) -> bool:
+        """Is a waiter blocked by the pool (not by its own ceiling) ahead of `e`: at least its weight, and
+        there first? Then `e` must queue behind it rather than take the capacity it is waiting for."""
+        key = p.blocked_key
+        return key is not None and key <= (-e.weight, -e.debt)
+
+    def _reserve(self, e, rid, input_tokens, max_tokens, kv, protected, now) -> None:
+        p = e.pool
+        self._mark(e, now)
+        cost = kv
+        if protected:
+            e.bucket.level -= cost
+        else:
+            p.surplus.level -= cost
+        if e.ceiling is not None:
+            e.ceiling.level -= cost
+        e.tokens += cost
+        e.in_flight += 1
+        e.kv += kv
+        p.used_conc += 1
+        p.used_kv += kv
+        end = now + p.expected_duration(cost)
+        r = Reservation(rid, e, cost, kv, protected, input_tokens, max_tokens, now, end)
+        p.inflight[rid] = r
+        self.inflight[rid] = r
+        heapq.heappush(p.completions, (end, rid))
+        if e.weight < p.threshold:
+            p.threshold = e.weight
+        e.admitted_total += 1
+        self.reserved_total += 1
+        self._set_head(e)
+
+    def _evict_for(self, e: EntitlementState, kv: float, now: float) -> list[str]:
+        """Preemptible requests of lower weight to terminate so that protected work of `e` fits; [] if none do."""
+        p = e.pool
+        need_conc = p.used_conc + 1 - p.cap_conc
+        need_kv = p.used_kv + kv - p.cap_kv
+        victims = sorted(
+            (r for r in p.inflight.values() if r.ent.cls is ServiceClass.PREEMPTIBLE and r.ent.weight < e.weight),
+            key=lambda r: (r.ent.weight, -r.start),  # lowest priority first, then the one with least work done
+        )
+        chosen: list[Reservation] = []
+        for r in victims:
+            if need_conc <= 0 and need_kv <= 0:
+                break
+            chosen.append(r)
+            need_conc -= 1
+            need_kv -= r.kv
+        if need_conc > 0 or need_kv > 0:
+            return []
+        for r in chosen:
+            r.ent.evicted_total += 1
+            self._free(r, r.input_tokens + r.output, now)
+        return [r.rid for r in chosen]
+
+    # ---- queue ----------------------------------------------------------------------------------------------
+
+    def _enqueue(self, e, rid, input_tokens, mt, reason, now) -> Decision:
+        p = e.pool
+        q = p.spec.queue
+        e.refused = True
+        if p.queued >= q.max_queued or len(e.queue) >= q.max_queued_per_entitlement or q.timeout_seconds <= 0:
+            return self._reject(e, rid, Reason.QUEUE_FULL, self._retry(e, reason, input_tokens + mt, now), mt)
+        seq = next(self._seq)
+        deadline = now + q.timeout_seconds
+        qr = QueuedRequest(rid, e, input_tokens, mt, now, deadline, seq)
+        e.queue.append(qr)
+        if len(e.queue) == 1:
+            heapq.heappush(p.queue_heap, (-e.weight, -e.debt, now, seq, e.name))
+        if reason is Reason.POOL_CONTENDED:
+            key = (-e.weight, -e.debt)
+            if p.blocked_key is None or key < p.blocked_key:
+                p.blocked_key = key
+        self.waiting[rid] = qr
+        p.queued += 1
+        heapq.heappush(self._deadlines, (deadline, seq, rid))
+        self._set_head(e)
+        retry = self._retry(e, reason, input_tokens + mt, now)
+        if reason is Reason.OVER_THROUGHPUT:
+            p.wake = min(p.wake, now + self._refill_time(e, reason, input_tokens + mt))
+        return Decision(Verdict.QUEUE, rid, reason, retry, deadline, mt)
+
+    @staticmethod
+    def _refill_time(e: EntitlementState, reason: Reason, cost: float) -> float:
+        """When the bucket blocking this request will hold enough (for waking the queue, not for clients)."""
+        if reason is Reason.OVER_THROUGHPUT:
+            if e.ceiling is not None and not e.ceiling.can_take(cost):
+                return e.ceiling.time_until(cost)
+            return e.bucket.time_until(cost) if e.bucket is not None else INF
+        return e.pool.surplus.time_until(cost)
+
+    def _unqueue(self, qr: QueuedRequest) -> None:
+        e = qr.ent
+        was_head = e.queue[0] is qr
+        e.queue.remove(qr)
+        del self.waiting[qr.rid]
+        e.pool.queued -= 1
+        if was_head and e.queue:
+            head = e.queue[0]
+            heapq.heappush(e.pool.queue_heap, (-e.weight, -e.debt, head.arrival, head.seq, e.name))
+
+    def _dispatch(self, p: PoolState, now: float, events: Events) -> None:
+        """Admit waiters in priority order while they fit. A waiter blocked by its own ceiling steps aside; one
+        blocked by the pool keeps its place and nobody behind it goes first (no starvation of large requests)."""
+        p.wake = INF
+        p.blocked_key = None
+        if not p.queued:
+            return
+        heap = p.queue_heap
+        aside = []
+        while heap:
+            entry = heap[0]
+            e = self.ents[entry[4]]
+            if not e.queue or e.queue[0].seq != entry[3]:
+                heapq.heappop(heap)
+                continue
+            qr = e.queue[0]
+            kv = qr.input_tokens + qr.max_tokens
+            reason, protected = self._check(e, kv, kv, now)
+            if reason is Reason.POOL_CONTENDED and protected:
+                evicted = self._evict_for(e, kv, now)
+                if evicted:
+                    events.evicted.extend(evicted)
+                    reason = None
+            if reason is None:
+                heapq.heappop(heap)
+                self._unqueue(qr)
+                self._reserve(e, qr.rid, qr.input_tokens, qr.max_tokens, kv, protected, now)
+                events.admitted.append(qr.rid)
+                continue
+            if reason is Reason.OVER_THROUGHPUT or (reason is Reason.POOL_CONTENDED and not p.surplus.can_take(kv)):
+                p.wake = min(p.wake, now + self._refill_time(e, reason, kv))
+            if reason in _OWN:
+                aside.append(heapq.heappop(heap))
+                continue
+            p.blocked_key = (entry[0], entry[1])
+            break
+        for entry in aside:
+            heapq.heappush(heap, entry)
+
+    # ---- reconcile and release ------------------------------------------------------------------------------
+
+    def progress(self, request_id: str, output_tokens: int, now: float) -> None:
+        """Output streamed so far. KV grows only if the request outgrows its reservation (an underestimated
+        prompt, or an upstream ignoring max_tokens), so the books match what the GPU really holds."""
+        r = self.inflight.get(request_id)
+        if r is None:
+            return
+        now = self._clock(now)
+        r.output = output_tokens
+        grow = r.input_tokens + output_tokens - r.kv
+        if grow > 0:
+            e = r.ent
+            self._mark(e, now)
+            r.kv += grow
+            e.kv += grow
+            e.pool.used_kv += grow
+            self._set_head(e)
+
+    def finish(self, request_id: str, input_tokens: int | None, output_tokens: int, now: float) -> Events:
+        """The request ended with real usage: charge the difference to the buckets it used, release the rest."""
+        now = self._clock(now)
+        r = self.inflight.get(request_id)
+        if r is None:
+            return self.release(request_id, now)
+        used = (input_tokens if input_tokens is not None else r.input_tokens) + output_tokens
+        return self._free(r, used, now, dispatch=True)
+
+    def release(self, request_id: str, now: float) -> Events:
+        """Abort (client gone, upstream error, queued request cancelled). Idempotent: a second call is counted
+        in `duplicate_releases` and does nothing else."""
+        now = self._clock(now)
+        r = self.inflight.get(request_id)
+        if r is not None:
+            return self._free(r, r.input_tokens + r.output, now, dispatch=True)
+        qr = self.waiting.get(request_id)
+        if qr is not None:
+            self._unqueue(qr)
+            self._set_head(qr.ent)
+            return Events()
+        self.duplicate_releases += 1
+        return Events()
+
+    def _free(self, r: Reservation, used_tokens: float, now: float, dispatch: bool = False) -> Events:
+        e = r.ent
+        p = e.pool
+        self._mark(e, now)
+        diff = used_tokens - r.cost  # > 0: real usage beyond the reservation puts the bucket into debt
+        if r.protected:
+            e.bucket.level -= diff
+        else:
+            p.surplus.level -= diff
+        if e.ceiling is not None:
+            e.ceiling.level -= diff
+        e.tokens += diff
+        e.in_flight -= 1
+        e.kv -= r.kv
+        p.used_conc -= 1
+        p.used_kv -= r.kv
+        del p.inflight[r.rid]
+        del self.inflight[r.rid]
+        self.released_total += 1
+        self._set_head(e)
+        events = Events()
+        if dispatch:
+            self._dispatch(p, now, events)
+        return events
+
+    # ---- control tick ---------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> Events:
+        """Expire queue deadlines and entitlements; run each pool's control step when its period is due."""
+        now = self._clock(now)
+        events = Events()
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, seq, rid = heapq.heappop(dl)
+            qr = self.waiting.get(rid)
+            if qr is None or qr.seq != seq:
+                continue
+            self._unqueue(qr)
+            e = qr.ent
+            self._set_head(e)
+            kv = qr.input_tokens + qr.max_tokens
+            retry = self._retry(e, Reason.POOL_CONTENDED, kv, now)
+            events.rejected.append(self._reject(e, rid, Reason.QUEUE_TIMEOUT, retry, qr.max_tokens))
+        for p in self.pools.values():
+            if now - p.last_control >= p.spec.control.period_seconds - _EPS:
+                self._control(p, now, measure=True, events=events)
+            self._dispatch(p, now, events)
+        return events
+
+    def next_wakeup(self) -> float | None:
+        """Earliest engine time at which tick() has work: a queue deadline or a control period."""
+        times = [min(p.last_control + p.spec.control.period_seconds, p.wake) for p in self.pools.values()]
+        dl = self._deadlines
+        while dl and (dl[0][2] not in self.waiting or self.waiting[dl[0][2]].seq != dl[0][1]):
+            heapq.heappop(dl)
+        if dl:
+            times.append(dl[0][0])
+        return min(times) if times else None
+
+    def set_replicas(self, pool: str, replicas: int, now: float) -> Events:
+        """Capacity changed (autoscaler, outage): re-bind, re-allocate, and admit what now fits."""
+        now = self._clock(now)
+        p = self.pools[pool]
+        p.set_capacity(replicas, now)
+        events = Events()
+        self._control(p, now, measure=False, events=events)
+        self._dispatch(p, now, events)
+        return events
+
+    def _control(self, p: PoolState, now: float, measure: bool, events: Events | None = None) -> None:
+        ctl = p.spec.control
+        dt = now - p.last_control
+        if measure and dt > 0:
+            self._measure(p, now, dt)
+        p.last_control = now
+        for e in p.ents:
+            if e.spec.expires_at is not None and now >= e.spec.expires_at and e.lifecycle is not Lifecycle.EXPIRED:
+                e.lifecycle = Lifecycle.EXPIRED
+                for qr in list(e.queue):
+                    self._unqueue(qr)
+                    if events is not None:
+                        events.rejected.append(self._reject(e, qr.rid, Reason.NOT_BOUND, None, qr.max_tokens))
+        serving = [e for e in p.ents if e.lifecycle is not Lifecycle.EXPIRED]
+        mean_slo = sum(e.slo_ms for e in serving) / len(serving) if serving else 0.0
+        for e in serving:
+            e.weight = weight(
+                e.class_weight, e.slo_ms, mean_slo, e.burst, e.debt, ctl.alpha_slo, ctl.alpha_burst, ctl.alpha_debt
+            )
+        self._allocate(p, serving, now)
+        # Weights moved: re-key the queue; refresh the admission threshold from what is admitted now.
+        p.queue_heap = [
+            (-e.weight, -e.debt, e.queue[0].arrival, e.queue[0].seq, e.name) for e in p.ents if e.queue
+        ]
+        heapq.heapify(p.queue_heap)
+        p.threshold = min((e.weight for e in p.ents if e.in_flight), default=INF)
+
+    def _measure(self, p: PoolState, now: float, dt: float) -> None:
+        """Eq. 2 and 3 from what each entitlement really used over the period (time-averaged)."""
+        ctl = p.spec.control
+        for e in p.ents:
+            self._mark(e, now)
+            usage = (e.tokens / dt, e.area_kv / dt, e.area_conc / dt)
+            e.tokens = e.area_kv = e.area_conc = 0.0
+            if e.bucket is not None:
+                base = (e.b_tps, e.b_kv, e.b_conc)
+                e.burst = ema(e.burst, burst_sample(usage, base), ctl.gamma_burst)
+                gap = gap_sample(usage, base, e.refused) if (e.active or e.refused) else 0.0
+                e.debt = ema(e.debt, gap, ctl.gamma_debt)
+            else:  # no baseline: burst is measured against the ceilings, when there are any
+                ceil = (e.ceiling.rate if e.ceiling else 0.0, _finite(e.c_kv), _finite(e.c_conc))
+                e.burst = ema(e.burst, burst_sample(usage, ceil), ctl.gamma_burst)
+            e.refused = False
+            if e.active and not e.in_flight and not e.queue and now - e.last_arrival >= ctl.idle_seconds:
+                e.active = False
+
+    def _allocate(self, p: PoolState, serving: list[EntitlementState], now: float) -> None:
+        """Binding and effective allocations per dimension.
+
+        Reserved classes (dedicated, guaranteed) bind in config order while Σ baselines fits the capacity; one
+        that no longer fits after capacity shrank is Degraded and shares what is left pro rata. Elastic
+        entitlements share what the reserved classes leave; when active elastic baselines exceed it they are
+        shrunk by weighted water-filling on w_e · baseline (so debt, through the weight, wins share back).
+        """
+        caps = (p.cap_tps, p.cap_kv, p.cap_conc)
+        used = [0.0, 0.0, 0.0]
+        degraded: list[EntitlementState] = []
+        for e in serving:
+            if not e.reserved:
+                continue
+            base = (e.b_tps, e.b_kv, e.b_conc)
+            if all(used[i] + base[i] <= caps[i] + _EPS for i in range(3)):
+                used = [used[i] + base[i] for i in range(3)]
+                e.lifecycle = Lifecycle.BOUND
+                e.a_tps, e.a_kv, e.a_conc = base
+            elif e.lifecycle is Lifecycle.PENDING:
+                e.a_tps = e.a_kv = e.a_conc = 0.0
+            else:
+                e.lifecycle = Lifecycle.DEGRADED
+                degraded.append(e)
+        rest = [max(0.0, caps[i] - used[i]) for i in range(3)]
+        if degraded:
+            for i, attr in enumerate(("tps", "kv", "conc")):
+                total = sum(getattr(e, "b_" + attr) for e in degraded)
+                for e in degraded:
+                    b = getattr(e, "b_" + attr)
+                    setattr(e, "a_" + attr, min(b, rest[i] * b / total) if total else 0.0)
+                rest[i] -= sum(getattr(e, "a_" + attr) for e in degraded)
+        elastic = [e for e in serving if e.cls is ServiceClass.ELASTIC]
+        for i, attr in enumerate(("tps", "kv", "conc")):
+            active = [e for e in elastic if e.active]
+            shares = _water_fill(rest[i], [(getattr(e, "b_" + attr), e.weight) for e in active])
+            for e, share in zip(active, shares):
+                setattr(e, "a_" + attr, share)
+            for e in elastic:
+                if not e.active:
+                    setattr(e, "a_" + attr, getattr(e, "b_" + attr))  # nominal; an idle one holds nothing
+        for e in elastic:
+            shrunk = e.a_tps < e.b_tps - _EPS or e.a_kv < e.b_kv - _EPS or e.a_conc < e.b_conc - _EPS
+            e.lifecycle = Lifecycle.DEGRADED if shrunk else Lifecycle.BOUND
+        for e in serving:
+            if e.cls is ServiceClass.SPOT or e.cls is ServiceClass.PREEMPTIBLE:
+                e.lifecycle = Lifecycle.BOUND
+        depth_s = p.spec.control.burst_seconds
+        reserved_rate = 0.0
+        spill = 0.0
+        for e in p.ents:
+            if e.bucket is not None:
+                spill += e.bucket.set_rate(e.a_tps, e.a_tps * depth_s, now)
+            if e.active and e.serving:
+                reserved_rate += e.a_tps
+            self._set_head(e)
+        surplus = p.surplus
+        surplus.set_rate(max(0.0, p.cap_tps - reserved_rate), p.cap_tps * depth_s, now)
+        surplus.level = min(surplus.depth, surplus.level + spill)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------
+
+    def _clock(self, now: float) -> float:
+        """The engine's time never runs backwards: a wall clock stepped back is held at the last time seen."""
+        if now < self._now:
+            return self._now
+        self._now = now
+        return now
+
+    @staticmethod
+    def _mark(e: EntitlementState, now: float) -> None:
+        dt = now - e.t_mark
+        if dt > 0:
+            e.area_kv += e.kv * dt
+            e.area_conc += e.in_flight * dt
+            e.t_mark = now
+
+    @staticmethod
+    def _set_head(e: EntitlementState) -> None:
+        """Keep the pool's held headroom equal to Σ over active entitlements of max(0, allocation − used)."""
+        if e.active and e.serving and e.bucket is not None:
+            hk = e.a_kv - e.kv
+            hc = e.a_conc - e.in_flight
+            hk = hk if hk > 0.0 else 0.0
+            hc = hc if hc > 0.0 else 0.0
+        else:
+            hk = hc = 0.0
+        p = e.pool
+        p.head_kv += hk - e.h_kv
+        p.head_conc += hc - e.h_conc
+        e.h_kv = hk
+        e.h_conc = hc
+
+    def _reject(self, e, rid, reason: Reason, retry: float | None, mt: int) -> Decision:
+        if e is not None:
+            e.refused = True
+            e.rejected_total += 1
+            e.rejected_by_reason[reason.value] = e.rejected_by_reason.get(reason.value, 0) + 1
+        return Decision(Verdict.REJECT, rid, reason, retry, max_tokens=mt)
+
+    def _retry(self, e: EntitlementState, reason: Reason, cost: float, now: float) -> float | None:
+        """Seconds until the capacity this request needs is expected to be free: bucket refill time for
+        throughput, expected completions (plus the waiters ahead) for slots and KV."""
+        p = e.pool
+        if reason is Reason.OVER_THROUGHPUT:
+            bucket = e.ceiling if e.ceiling is not None and not e.ceiling.can_take(cost) else e.bucket
+            t = bucket.time_until(cost) if bucket is not None else math.inf
+            return t if math.isfinite(t) else None
+        if reason in (Reason.OVER_CONCURRENCY, Reason.OVER_KV):
+            ends = [r.end for r in p.inflight.values() if r.ent is e]
+            return max(0.0, min(ends) - now) if ends else 0.0
+        # Pool-wide: the next completion, then one more service slot per waiter ahead.
+        comp = p.completions
+        while comp and comp[0][1] not in p.inflight:
+            heapq.heappop(comp)
+        first = max(0.0, comp[0][0] - now) if comp else 0.0
+        per_slot = p.expected_duration(cost) / max(p.cap_conc, 1)
+        t = first + p.queued * per_slot
+        if e.bucket is None or not e.bucket.can_take(cost):
+            st = p.surplus.time_until(cost)
+            if math.isfinite(st):
+                t = max(t, st)
+        return t
+
+    # ---- views ----------------------------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict:
+        """The /status document: per pool capacity and use per dimension, per entitlement its state."""
+        now = self._clock(now)
+        pools = {}
+        for p in self.pools.values():
+            p.surplus.refill(now)
+            pools[p.name] = {
+                "model": p.spec.model,
+                "replicas": p.replicas,
+                "capacity": {"tokens_per_second": p.cap_tps, "kv_cache_tokens": p.cap_kv, "concurrency": p.cap_conc},
+                "used": {"kv_cache_tokens": p.used_kv, "concurrency": p.used_conc},
+                "held_headroom": {"kv_cache_tokens": round(p.head_kv, 3), "concurrency": round(p.head_conc, 3)},
+                "surplus_tokens": round(p.surplus.level, 3),
+                "surplus_rate": round(p.surplus.rate, 3),
+                "queued": p.queued,
+                "in_flight": len(p.inflight),
+                "admission_threshold": p.threshold if math.isfinite(p.threshold) else None,
+            }
+        ents = {}
+        for e in self.ents.values():
+            ents[e.name] = {
+                "tenant": e.spec.tenant_id,
+                "pool": e.pool.name,
+                "class": e.cls.value,
+                "state": e.lifecycle.value,
+                "active": e.active,
+                "in_flight": e.in_flight,
+                "reserved_kv_tokens": e.kv,
+                "queued": len(e.queue),
+                "baseline": {"tokens_per_second": e.b_tps, "kv_cache_tokens": e.b_kv, "concurrency": e.b_conc},
+                "allocation": {"tokens_per_second": e.a_tps, "kv_cache_tokens": e.a_kv, "concurrency": e.a_conc},
+                "debt": round(e.debt, 6),
+                "burst": round(e.burst, 6),
+                "weight": round(e.weight, 6),
+                "admitted_total": e.admitted_total,
+                "rejected_total": e.rejected_total,
+                "rejected_by_reason": dict(e.rejected_by_reason),
+                "evicted_total": e.evicted_total,
+            }
+        return {"pools": pools, "entitlements": ents}
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError when the books do not balance (used by tests and the simulator)."""
+        for p in self.pools.values():
+            assert p.used_conc == sum(e.in_flight for e in p.ents), "pool concurrency != Σ entitlements"
+            assert abs(p.used_kv - sum(e.kv for e in p.ents)) < 1e-6, "pool KV != Σ entitlements"
+            assert p.used_conc == len(p.inflight)
+            assert p.queued == sum(len(e.queue) for e in p.ents)
+            assert abs(p.head_conc - sum(e.h_conc for e in p.ents)) < 1e-6
+            for e in p.ents:
+                assert e.in_flight >= 0 and e.kv >= 0
+        assert len(self.inflight) == self.reserved_total - self.released_total
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def _water_fill(capacity: float, claims: list[tuple[float, float]]) -> list[float]:
+    """Split `capacity` among (cap, weight) claims in proportion to weight · cap, none above its cap."""
+    shares = [0.0] * len(claims)
+    open_ = [i for i, (cap, _) in enumerate(claims) if cap > 0]
+    left = capacity
+    while open_ and left > _EPS:
+        total = sum(claims[i][1] * claims[i][0] for i in open_)
+        if total <= 0:
+            break
+        capped = [i for i in open_ if left * claims[i][1] * claims[i][0] / total >= claims[i][0] - shares[i]]
+        if not capped:
+            for i in open_:
+                shares[i] += left * claims[i][1] * claims[i][0] / total
+            break
+        for i in capped:
+            left -= claims[i][0] - shares[i]
+            shares[i] = claims[i][0]
+        open_ = [i for i in open_ if i not in capped]
+    return shares
