@@ -92,8 +92,13 @@ class Control(_Spec):
     # Throughput buckets hold this many seconds of their rate: how far a tenant may run ahead of its rate.
     # Requests are charged input + max_tokens up front, so this should cover a typical request's duration.
     burst_seconds: float = 5.0
-    # An entitlement with no request for this long is idle: its unused baseline may be backfilled by others.
+    # An entitlement with no request for this long is idle: an idle elastic entitlement holds no headroom.
     idle_seconds: float = 3.0
+    # Who may use the unused part of dedicated/guaranteed baselines. "preemptible" (default): only preemptible
+    # work, which is evicted when the owner needs it, so a guaranteed request within baseline is always admitted
+    # at once. "idle": also all burst work while the owner is idle — better utilisation, but an owner coming
+    # back may wait for borrowed capacity to drain.
+    lend_reserved: Literal["preemptible", "idle"] = "preemptible"
     # When a pool has no replicas, how long until capacity is likely (scale-from-zero), for Retry-After.
     scale_up_seconds: float = 30.0
 

@@ -55,6 +55,76 @@ class Engine:
         for pool in self.pools.values():
             self._control(pool, now, measure=False)
 
+    # ---- configuration changes -----------------------------------------------------------------------------
+
+    def apply(self, config: Config, now: float) -> Events:
+        """Swap in a new configuration without dropping in-flight or queued requests.
+
+        A changed entitlement keeps its requests, debt and counters; new limits apply to new admissions. A
+        removed one stops admitting, its waiters get 429 (entitlement_removed), its in-flight requests run to
+        the end and are released normally. A removed pool stops receiving requests for its model.
+        """
+        now = self._clock(now)
+        events = Events()
+        for name, doc in config.pools.items():
+            p = self.pools.get(name)
+            if p is None:
+                self.pools[name] = PoolState(name, doc.spec, now)
+            elif p.spec != doc.spec:
+                old_replicas = p.replicas
+                p.spec = doc.spec
+                p.strict = doc.spec.control.lend_reserved == "preemptible"
+                r = doc.spec.replicas
+                replicas = r.current if r.current is not None else min(max(old_replicas, r.min), r.max)
+                p.set_capacity(replicas, now)
+        self._by_model = {doc.spec.model: self.pools[name] for name, doc in config.pools.items()}
+        for name in [n for n in self.ents if n not in config.entitlements]:
+            self._retire(self.ents.pop(name), Reason.ENTITLEMENT_REMOVED, events)
+        for order, (name, doc) in enumerate(config.entitlements.items()):
+            old = self.ents.get(name)
+            if old is not None and old.spec == doc.spec:
+                old.order = order
+                continue
+            pool = self.pools[doc.spec.pool_ref.name]
+            new = EntitlementState(name, doc.spec, pool, order, now)
+            if old is not None and old.pool is pool:
+                self._carry_over(old, new)
+            elif old is not None:  # moved to another pool: the old one drains where it is
+                self._retire(old, Reason.ENTITLEMENT_REMOVED, events)
+                pool.ents.append(new)
+            else:
+                pool.ents.append(new)
+            self.ents[name] = new
+        for p in self.pools.values():
+            p.ents.sort(key=lambda e: (e.retired, e.order))
+            self._control(p, now, measure=False, events=events)
+            self._dispatch(p, now, events)
+        return events
+
+    def _carry_over(self, old: EntitlementState, new: EntitlementState) -> None:
+        p = old.pool
+        for attr in EntitlementState.CARRY:
+            setattr(new, attr, getattr(old, attr))
+        for mine, theirs in ((new.bucket, old.bucket), (new.ceiling, old.ceiling)):
+            if mine is not None and theirs is not None:
+                mine.level = min(theirs.level, mine.depth)
+        for r in p.inflight.values():
+            if r.ent is old:
+                r.ent = new
+        for qr in new.queue:
+            qr.ent = new
+        p.ents[p.ents.index(old)] = new
+
+    def _retire(self, e: EntitlementState, reason: Reason, events: Events) -> None:
+        e.lifecycle = Lifecycle.EXPIRED
+        e.retired = True
+        for qr in list(e.queue):
+            self._unqueue(qr)
+            events.rejected.append(self._reject(e, qr.rid, reason, None, qr.max_tokens))
+        self._set_head(e)
+        if not e.in_flight:
+            e.pool.ents.remove(e)
+
     # ---- lookups for adapters -------------------------------------------------------------------------------
 
     def pool_for_model(self, model: str) -> str | None:
@@ -98,7 +168,7 @@ class Engine:
 
         reason, protected = self._check(e, kv, kv, now)
         behind = False
-        if reason is None and (e.queue or self._outranked(e, p)):
+        if reason is None and (e.queue or (not protected and self._outranked(e, p))):
             reason, behind = Reason.POOL_CONTENDED, True  # others wait already: no jumping the queue
         evict: list[str] = []
         if reason is Reason.POOL_CONTENDED and protected and not behind:
@@ -135,9 +205,13 @@ class Engine:
                 if p.used_conc + 1 <= p.cap_conc and p.used_kv + kv <= p.cap_kv:
                     return None, True
                 return Reason.POOL_CONTENDED, True
-        # Burst work: only what is neither used nor held for other active entitlements.
-        free_conc = p.cap_conc - p.used_conc - (p.head_conc - e.h_conc)
-        free_kv = p.cap_kv - p.used_kv - (p.head_kv - e.h_kv)
+        # Burst work: only what is neither used nor held for others' allocations. Preemptible work may borrow the
+        # held part too: it is evicted when the owner needs it back.
+        free_conc = p.cap_conc - p.used_conc
+        free_kv = p.cap_kv - p.used_kv
+        if e.cls is not ServiceClass.PREEMPTIBLE:
+            free_conc -= p.head_conc - e.h_conc
+            free_kv -= p.head_kv - e.h_kv
         if free_conc < 1 - _EPS or free_kv < kv - _EPS:
             return Reason.POOL_CONTENDED, False
         p.surplus.refill(now)
@@ -349,6 +423,8 @@ class Engine:
         del self.inflight[r.rid]
         self.released_total += 1
         self._set_head(e)
+        if e.retired and not e.in_flight:
+            p.ents.remove(e)
         events = Events()
         if dispatch:
             self._dispatch(p, now, events)
@@ -433,7 +509,8 @@ class Engine:
             usage = (e.tokens / dt, e.area_kv / dt, e.area_conc / dt)
             e.tokens = e.area_kv = e.area_conc = 0.0
             if e.bucket is not None:
-                base = (e.b_tps, e.b_kv, e.b_conc)
+                m = e.measured
+                base = (e.b_tps if m[0] else 0.0, e.b_kv if m[1] else 0.0, e.b_conc if m[2] else 0.0)
                 e.burst = ema(e.burst, burst_sample(usage, base), ctl.gamma_burst)
                 gap = gap_sample(usage, base, e.refused) if (e.active or e.refused) else 0.0
                 e.debt = ema(e.debt, gap, ctl.gamma_debt)
@@ -497,8 +574,8 @@ class Engine:
         for e in p.ents:
             if e.bucket is not None:
                 spill += e.bucket.set_rate(e.a_tps, e.a_tps * depth_s, now)
-            if e.active and e.serving:
-                reserved_rate += e.a_tps
+            if e.serving and e.bucket is not None and (e.active or (e.reserved and p.strict)):
+                reserved_rate += e.a_tps  # the same entitlements that hold headroom (see _set_head)
             self._set_head(e)
         surplus = p.surplus
         surplus.set_rate(max(0.0, p.cap_tps - reserved_rate), p.cap_tps * depth_s, now)
@@ -523,8 +600,10 @@ class Engine:
 
     @staticmethod
     def _set_head(e: EntitlementState) -> None:
-        """Keep the pool's held headroom equal to Σ over active entitlements of max(0, allocation − used)."""
-        if e.active and e.serving and e.bucket is not None:
+        """Keep the pool's held headroom equal to Σ max(0, allocation − used) over the entitlements that hold
+        it: dedicated and guaranteed always (unless lendReserved is "idle" and they are idle), elastic while
+        active. Burst work other than preemptible may not use held headroom."""
+        if e.serving and e.bucket is not None and (e.active or (e.reserved and e.pool.strict)):
             hk = e.a_kv - e.kv
             hc = e.a_conc - e.in_flight
             hk = hk if hk > 0.0 else 0.0

@@ -65,7 +65,7 @@ class PoolState:
     __slots__ = (
         "name", "spec", "replicas", "cap_tps", "cap_kv", "cap_conc", "seq_rate",
         "used_kv", "used_conc", "head_kv", "head_conc", "surplus", "ents", "inflight",
-        "queued", "queue_heap", "last_control", "threshold", "completions", "wake", "blocked_key",
+        "queued", "queue_heap", "last_control", "threshold", "completions", "wake", "blocked_key", "strict",
     )  # fmt: skip
 
     def __init__(self, name: str, spec: TokenPoolSpec, now: float) -> None:
@@ -79,6 +79,7 @@ class PoolState:
         self.head_kv = 0.0
         self.head_conc = 0.0
         self.ents: list[EntitlementState] = []
+        self.strict = spec.control.lend_reserved == "preemptible"  # reserved headroom held even when idle
         self.inflight: dict[str, Reservation] = {}
         self.queued = 0
         self.queue_heap: list = []  # (-weight, -debt, head arrival, head seq, ent name) per entitlement with waiters
@@ -115,7 +116,7 @@ class EntitlementState:
         "bucket", "ceiling", "in_flight", "kv", "lifecycle", "weight", "debt", "burst",
         "active", "last_arrival", "h_kv", "h_conc", "queue", "refused",
         "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total", "rejected_by_reason",
-        "max_tokens_default", "evicted_total",
+        "max_tokens_default", "evicted_total", "retired", "measured",
     )  # fmt: skip
 
     def __init__(self, name: str, spec: TokenEntitlementSpec, pool: PoolState, order: int, now: float) -> None:
@@ -130,6 +131,11 @@ class EntitlementState:
         per = pool.spec.per_replica
         kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
         self.b_tps, self.b_kv, self.b_conc = _fill_baseline(spec, per.tokens_per_second, kv_per, per.concurrency)
+        # The control loop measures an entitlement in the units it is written in: dimensions filled in from the
+        # pool's ratios are enforced but not measured (throughput sampled per period is lumpy, since requests
+        # are charged at admission, and would read as bursting or credit where there is none).
+        r = spec.resources
+        self.measured = (r.tokens_per_second is not None, r.kv_cache_tokens is not None, r.concurrency is not None)
         # Hard ceilings: guaranteed never above baseline; others up to their burst ceilings (or the pool).
         burst = spec.burst
         if self.cls is ServiceClass.GUARANTEED:
@@ -163,6 +169,14 @@ class EntitlementState:
         self.rejected_total = 0
         self.rejected_by_reason: dict[str, int] = {}
         self.evicted_total = 0
+        self.retired = False  # removed from the config; kept only until its in-flight requests end
+
+    # What carries over when an entitlement's spec changes (hot reload): everything that is not config.
+    CARRY = (
+        "in_flight", "kv", "queue", "lifecycle", "weight", "debt", "burst", "active", "last_arrival", "h_kv",
+        "h_conc", "refused", "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total",
+        "rejected_by_reason", "evicted_total",
+    )  # fmt: skip
 
     @property
     def reserved(self) -> bool:
