@@ -1,0 +1,204 @@
+"""`tokenpools serve`: the ext_proc gRPC server, the status endpoint, and the timer that drives the engine.
+
+One asyncio loop owns everything: the engine is pure and single-threaded, every gRPC stream handler and the
+ticker run on the same loop, so no locks are needed. Time passed to the engine is wall-clock seconds
+(`time.time()`), the same clock the config's `expiresAt` is written in.
+
+    ext_proc gRPC   HOST:9002   envoy.service.ext_proc.v3.ExternalProcessor/Process, grpc.health.v1.Health/Check
+    status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /healthz
+
+For tests: `TokenpoolsServer(config, ...)` with `await start()` / `await stop()` (ports 0 pick free ones and are
+reported back in `.ext_proc_port` / `.status_port`), or `await serve(...)` which runs until cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import time
+from collections.abc import Callable
+
+import click
+import grpc
+import orjson
+import structlog
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from .config import Config, ConfigError, load_file
+from .engine import Engine
+from .envoy.health import Health
+from .envoy.identity import TrustedSource
+from .envoy.service import DEFAULT_MAX_BODY, ExtProcServicer, Gateway
+
+TICK_MAX_S = 0.1  # the engine is ticked at its next_wakeup(), and at least this often
+
+_GRPC_OPTIONS = [
+    # A second server on the same port must fail loudly, not share it (gRPC's Linux default is SO_REUSEPORT).
+    ("grpc.so_reuseport", 0),
+    # Envoy sends body chunks as they arrive; leave room for large ones (the default is 4 MiB).
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class TokenpoolsServer:
+    def __init__(
+        self,
+        config: Config,
+        host: str = "127.0.0.1",
+        ext_proc_port: int = 9002,
+        status_port: int = 9464,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+        trusted: TrustedSource | None = None,
+        clock: Callable[[], float] = time.time,
+        engine: Engine | None = None,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.ext_proc_port = ext_proc_port
+        self.status_port = status_port
+        self.clock = clock
+        self.engine = engine if engine is not None else Engine(config, clock())
+        self.gateway = Gateway(self.engine, config, clock=clock, max_body_bytes=max_body_bytes, trusted=trusted)
+        self.health = Health()
+        self._grpc: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.gateway), server)
+        server.add_generic_rpc_handlers((self.health.handler(),))
+        port = server.add_insecure_port(f"{self.host}:{self.ext_proc_port}")
+        if not port:
+            raise OSError(f"cannot bind ext_proc gRPC on {self.host}:{self.ext_proc_port}")
+        self.ext_proc_port = port
+        await server.start()
+        self._grpc = server
+
+        app = web.Application()
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/status/adapter", self._adapter_status)
+        app.router.add_get("/healthz", self._healthz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.status_port, reuse_port=False)
+        await site.start()
+        self.status_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        self._ticker = asyncio.create_task(self._tick_loop())
+
+    async def stop(self, grace: float = 2.0) -> None:
+        self.health.serving = False
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._grpc is not None:
+            # In-flight streams get `grace` seconds, then are cancelled: their handlers release reservations.
+            await self._grpc.stop(grace)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _tick_loop(self) -> None:
+        engine, gw = self.engine, self.gateway
+        while True:
+            try:
+                gw.tick()
+            except Exception:  # a bug in one tick must not stop queue deadlines for good
+                structlog.get_logger("tokenpools").exception("engine tick failed")
+            wake = engine.next_wakeup()
+            delay = TICK_MAX_S if wake is None else min(TICK_MAX_S, wake - self.clock())
+            await asyncio.sleep(max(0.001, delay))
+
+    async def _status(self, request: web.Request) -> web.Response:
+        body = orjson.dumps(self.engine.snapshot(self.clock()))
+        return web.Response(body=body, content_type="application/json")
+
+    async def _adapter_status(self, request: web.Request) -> web.Response:
+        gw = self.gateway
+        doc = {f.name: getattr(gw.stats, f.name) for f in dataclasses.fields(gw.stats)}
+        doc["rejected"] = dict(gw.stats.rejected)
+        doc["live_requests"] = len(gw.live)
+        doc["in_flight"] = dict(gw.in_flight)
+        doc["bytes_per_token"] = {m: round(gw.estimator.ratio(m), 3) for m in {p.spec.model for p in self.config.pools.values()}}
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n" if self.health.serving else "draining\n", status=200 if self.health.serving else 503)
+
+
+async def serve(config: Config, ready: Callable[[TokenpoolsServer], None] | None = None, **kwargs) -> None:
+    """Run a server until cancelled (or SIGINT/SIGTERM when run as the main program)."""
+    server = TokenpoolsServer(config, **kwargs)
+    await server.start()
+    if ready is not None:
+        ready(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def _run(coro) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+@click.command("serve")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="TokenPool/TokenEntitlement YAML (default: the packaged Exp 1 demo).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address both servers bind.")
+@click.option("--ext-proc-port", default=9002, show_default=True, type=int, help="ext_proc gRPC port (0: any free port).")
+@click.option("--status-port", default=9464, show_default=True, type=int, help="Status HTTP port (0: any free port).")
+@click.option("--max-body-bytes", default=DEFAULT_MAX_BODY, show_default=True, type=int, help="Larger request bodies get 413.")
+@click.option("--identity-header", default=None, help="Trusted header naming the entitlement (set by an authn filter in front).")
+@click.option("--identity-metadata", default=None, metavar="NAMESPACE[:KEY]", help="Trusted Envoy dynamic metadata naming the entitlement (KEY defaults to 'entitlement').")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve_command(config_path, host, ext_proc_port, status_port, max_body_bytes, identity_header, identity_metadata, log_level) -> None:
+    """Run the ext_proc server (gRPC) and the status endpoint (HTTP)."""
+    import logging
+
+    from .stack import default_config_path
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, log_level.upper())))
+
+    path = config_path or str(default_config_path())
+    try:
+        config = load_file(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    trusted = None
+    if identity_header or identity_metadata:
+        ns, _, key = (identity_metadata or "").partition(":")
+        trusted = TrustedSource(header=identity_header, metadata_namespace=ns or None, metadata_key=key or "entitlement")
+
+    def ready(server: TokenpoolsServer) -> None:
+        click.echo(
+            f"tokenpools: ext_proc gRPC on {server.host}:{server.ext_proc_port}, "
+            f"status on http://{server.host}:{server.status_port}/status ({path}: "
+            f"{len(config.pools)} pools, {len(config.entitlements)} entitlements)",
+            err=True,
+        )
+
+    _run(
+        serve(
+            config,
+            ready=ready,
+            host=host,
+            ext_proc_port=ext_proc_port,
+            status_port=status_port,
+            max_body_bytes=max_body_bytes,
+            trusted=trusted,
+        )
+    )

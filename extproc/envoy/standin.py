@@ -1,0 +1,167 @@
+"""A small, controllable OpenAI-compatible backend: the stand-in for vLLM in tests (and in `tokenpools up`
+until the simulator in extproc/sim is available). `python -m extproc.envoy.standin --port 8100`.
+
+It generates "t0 t1 ..." tokens at --token-delay-ms each. Per request, headers can change that (tests send
+them through Envoy):
+  x-test-tokens: N        output tokens to generate (default: the body's max_tokens, else 8)
+  x-test-delay-ms: D      delay before each token (default: --token-delay-ms)
+  x-test-status: S        answer status S at once with an OpenAI error body (e.g. 500, 429)
+  x-test-cut-after: K     streaming: drop the connection after K tokens (a mid-stream upstream failure)
+  x-test-id: ID           recorded with the request, for GET /_requests?id=ID
+Usage is reported like vLLM/OpenAI: `usage` in JSON bodies; in streams only with stream_options.include_usage,
+as a final `choices: []` chunk, with `"usage": null` on the other chunks (as OpenAI does).
+prompt_tokens = UTF-8 bytes of prompt text // 4 + 7 (deterministic, so tests can predict it).
+
+GET /_requests[?id=ID]  what was received (path, headers, parsed body, outcome)
+GET /_stats             current and peak concurrency, totals
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import orjson
+from aiohttp import web
+
+RECORDS: list[dict] = []
+STATS = {"active": 0, "peak": 0, "total": 0, "disconnected": 0, "completed": 0}
+DEFAULT_DELAY_MS = 0.0
+
+
+def _prompt_tokens(body: dict) -> int:
+    text = 0
+    for m in body.get("messages") or []:
+        c = m.get("content")
+        if isinstance(c, str):
+            text += len(c.encode())
+    p = body.get("prompt") or body.get("input")
+    if isinstance(p, str):
+        text += len(p.encode())
+    return text // 4 + 7
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    rec = {
+        "id": request.headers.get("x-test-id"),
+        "path": request.path,
+        "headers": {k.lower(): v for k, v in request.headers.items()},
+        "body": body,
+        "body_bytes": len(raw),
+        "outcome": "started",
+        "t": time.time(),
+    }
+    RECORDS.append(rec)
+    STATS["total"] += 1
+    STATS["active"] += 1
+    STATS["peak"] = max(STATS["peak"], STATS["active"])
+    try:
+        return await _respond(request, body or {}, rec)
+    except (ConnectionResetError, asyncio.CancelledError):
+        rec["outcome"] = "disconnected"
+        STATS["disconnected"] += 1
+        raise
+    finally:
+        STATS["active"] -= 1
+
+
+async def _respond(request: web.Request, body: dict, rec: dict) -> web.StreamResponse:
+    h = request.headers
+    if "x-test-status" in h:
+        status = int(h["x-test-status"])
+        rec["outcome"] = f"status {status}"
+        err = {"error": {"message": "injected failure", "type": "server_error", "code": status}}
+        return web.json_response(err, status=status)
+    n = int(h.get("x-test-tokens", body.get("max_tokens") or body.get("max_completion_tokens") or 8))
+    delay = float(h.get("x-test-delay-ms", DEFAULT_DELAY_MS)) / 1000
+    cut = int(h["x-test-cut-after"]) if "x-test-cut-after" in h else None
+    model = body.get("model", "?")
+    chat = request.path.endswith("/chat/completions")
+    pt = _prompt_tokens(body)
+    usage = {"prompt_tokens": pt, "completion_tokens": n, "total_tokens": pt + n}
+    if request.path.endswith("/embeddings"):
+        rec["outcome"] = "completed"
+        STATS["completed"] += 1
+        return web.json_response(
+            {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}], "model": model,
+             "usage": {"prompt_tokens": pt, "total_tokens": pt}}
+        )
+    if not body.get("stream"):
+        for _ in range(n):
+            if delay:
+                await asyncio.sleep(delay)
+        text = " ".join(f"t{i}" for i in range(n))
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"} if chat else {
+            "index": 0, "text": text, "finish_reason": "length"}
+        rec["outcome"] = "completed"
+        STATS["completed"] += 1
+        return web.json_response({"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion",
+                                  "created": 1, "model": model, "choices": [choice], "usage": usage})
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+    await resp.prepare(request)
+
+    def chunk(choices: list, usage_value=None, with_usage_key: bool = include_usage) -> bytes:
+        obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
+               "created": 1, "model": model, "choices": choices}
+        if with_usage_key:
+            obj["usage"] = usage_value
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    if chat:
+        await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+    for i in range(n):
+        if delay:
+            await asyncio.sleep(delay)
+        if cut is not None and i >= cut:
+            rec["outcome"] = "cut"
+            request.transport.close()  # abrupt: no terminating chunk
+            return resp
+        piece = {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None} if chat else {
+            "index": 0, "text": f"t{i} ", "finish_reason": None}
+        await resp.write(chunk([piece]))
+    last = {"index": 0, "delta": {}, "finish_reason": "length"} if chat else {"index": 0, "text": "", "finish_reason": "length"}
+    await resp.write(chunk([last]))
+    if include_usage:
+        await resp.write(chunk([], usage))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    rec["outcome"] = "completed"
+    STATS["completed"] += 1
+    return resp
+
+
+async def requests_(request: web.Request) -> web.Response:
+    rid = request.query.get("id")
+    recs = [r for r in RECORDS if rid is None or r["id"] == rid]
+    return web.Response(body=orjson.dumps(recs), content_type="application/json")
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(STATS), content_type="application/json")
+
+
+def main() -> None:
+    global DEFAULT_DELAY_MS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--model", default=None, help="accepted for symmetry with the simulator; any model is served")
+    ap.add_argument("--token-delay-ms", type=float, default=0.0, help="time per generated token")
+    args = ap.parse_args()
+    DEFAULT_DELAY_MS = args.token_delay_ms
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_get("/_requests", requests_)
+    app.router.add_get("/_stats", stats)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
