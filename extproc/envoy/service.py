@@ -189,9 +189,14 @@ class Gateway:
         self.evict(events.evicted)
 
     def evict(self, request_ids: Iterable[str]) -> None:
+        """The engine already released these reservations: mark them settled now (so nothing is released
+        twice, whatever the stream does next) and let each stream end its request."""
         for rid in request_ids:
             ex = self.live.get(rid)
             if ex is not None:
+                ex.evicted = True
+                ex.settled = True
+                ex.unregister()
                 ex.signal(("evict", None))
 
     def tick(self) -> None:
@@ -245,6 +250,7 @@ class Exchange:
         self.decision: Decision | None = None
         self.admitted = False
         self.settled = False
+        self.evicted = False
         self.meter: ResponseMeter | None = None
         self.upstream_error = False
         self.sent_response_headers = False
@@ -287,14 +293,14 @@ class Exchange:
         if kind == "rejected" and self.state == "queued":
             self._cancel_expiry()
             self.settled = True  # the engine already dropped it from the queue
-            self._unregister()
+            self.unregister()
             d: Decision = arg
             return self._reply(errors.for_reason(d.reason, d.retry_after, self.gw.concurrency_limit(self.entitlement)))
         if kind == "expire" and self.state == "queued":
             # Safety net: the engine should have answered by now. Give up on our own.
             self.settle()
             return self._reply(errors.for_reason(Reason.QUEUE_TIMEOUT, 1.0, self.gw.concurrency_limit(self.entitlement)))
-        if kind == "evict" and self.admitted and not self.settled:
+        if kind == "evict" and self.evicted and not self.done:
             return self.on_evict()
         return []
 
@@ -402,7 +408,7 @@ class Exchange:
             self._expiry = asyncio.get_running_loop().call_later(delay, self.signal, ("expire", None))
             return []
         self.settled = True  # rejected: the engine holds nothing for it
-        self._unregister()
+        self.unregister()
         return self._reply(
             errors.for_reason(decision.reason, decision.retry_after, gw.concurrency_limit(self.entitlement))
         )
@@ -485,9 +491,7 @@ class Exchange:
 
     def on_evict(self) -> list[pb.ProcessingResponse]:
         """The engine took the capacity back (reservation already released): end the request now."""
-        self.settled = True
         self.gw.stats.evicted += 1
-        self._unregister()
         reply = errors.for_reason(Reason.EVICTED, 1.0, self.gw.concurrency_limit(self.entitlement))
         out: list[pb.ProcessingResponse] = []
         if self.sent_response_headers and self.meter is not None and self.meter.sse:
@@ -527,10 +531,10 @@ class Exchange:
         else:
             events = gw.engine.release(self.rid, now)
             gw.stats.released += 1
-        self._unregister()
+        self.unregister()
         gw.dispatch(events)
 
-    def _unregister(self) -> None:
+    def unregister(self) -> None:
         gw = self.gw
         if self.rid is not None and gw.live.get(self.rid) is self:
             del gw.live[self.rid]
