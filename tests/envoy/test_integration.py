@@ -400,3 +400,69 @@ def test_200_concurrent_with_aborts_leave_nothing_reserved(settled: Running):
     for name, e in snap["entitlements"].items():
         assert e["in_flight"] == 0 and e["reserved_kv_tokens"] == 0 and e["queued"] == 0, (name, e)
     assert s.adapter()["live_requests"] == 0
+
+
+def test_ext_proc_crash_and_recovery(stack: Running, tmp_path):
+    """The server dies under load: held and streaming requests end (503 / cut), new ones get 503 until it is
+    back; after a restart on the same port Envoy reconnects and requests succeed again."""
+    from extproc.stack import Stack, serve_command_line, wait_http
+
+    from .harness import CONFIG, REPO
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    ext_proc, status_port, listen, admin = free_port(), free_port(), free_port(), free_port()
+    own = Stack()
+
+    def start_server():
+        proc = own.start("tokenpools", serve_command_line(str(config), ext_proc, status_port), tmp_path / "srv.log", cwd=REPO)
+        wait_http(f"http://127.0.0.1:{status_port}/healthz", 20, proc)
+        return proc
+
+    try:
+        server = start_server()
+        start_envoy(own, tmp_path, "envoy-crash", listen, admin, ext_proc, stack.upstream)
+        url = f"http://127.0.0.1:{listen}{CHAT}"
+
+        async def scenario():
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+
+                async def call(payload, key, headers=None):
+                    h = {"authorization": f"Bearer {key}", **(headers or {})}
+                    async with session.post(url, json=payload, headers=h) as resp:
+                        try:
+                            return resp.status, await resp.read()
+                        except aiohttp.ClientPayloadError:
+                            return resp.status, b"<cut>"
+
+                streaming = asyncio.create_task(
+                    call(chat(stream=True, max_tokens=100), "key-big-a", {"x-test-delay-ms": "30"})
+                )
+                holder = asyncio.create_task(call(chat("m-tiny", max_tokens=1), "key-tiny-a", {"x-test-delay-ms": "3000"}))
+                await asyncio.sleep(0.5)
+                held = asyncio.create_task(call(chat("m-tiny"), "key-tiny-a"))  # queued behind the holder
+                await asyncio.sleep(0.5)
+                server.kill()
+                server.wait(5)
+                results = await asyncio.wait_for(asyncio.gather(streaming, holder, held), 10)
+                after = await call(chat(), "key-big-a")
+                return results, after
+
+        (streaming, holder, held), after = asyncio.run(scenario())
+        assert streaming == (200, b"<cut>")  # mid-stream: Envoy can only cut it
+        assert held[0] == 503  # was waiting for admission: refused, not let through
+        assert after[0] == 503  # fail closed while the server is gone
+        # holder had been admitted and its response was pending: it may complete or be refused, never hang.
+        assert holder[0] in (200, 503)
+
+        start_server()
+        deadline = time.monotonic() + 10
+        while True:
+            r = stack.request("POST", listen, CHAT, json.dumps(chat(max_tokens=1)).encode(),
+                              {"authorization": "Bearer key-big-a"}, timeout=5)  # fmt: skip
+            if r.status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status == 200, r.body
+    finally:
+        own.stop()
