@@ -118,7 +118,7 @@ class TokenpoolsServer:
     async def _adapter_status(self, request: web.Request) -> web.Response:
         gw = self.gateway
         doc = {f.name: getattr(gw.stats, f.name) for f in dataclasses.fields(gw.stats)}
-        doc["rejected"] = dict(gw.stats.rejected)
+        doc["refusals"] = dict(gw.stats.refusals)
         doc["live_requests"] = len(gw.live)
         doc["in_flight"] = dict(gw.in_flight)
         doc["bytes_per_token"] = {m: round(gw.estimator.ratio(m), 3) for m in {p.spec.model for p in self.config.pools.values()}}

@@ -2,9 +2,11 @@
 
 Keys live in the config as SHA-256 hex digests (`spec.auth.apiKeySha256`); plaintext `spec.auth.apiKeys`
 are accepted only in configs labelled demo (the config loader enforces that) and are digested on load, so
-the adapter never holds or compares plaintext. A presented key is digested once and compared with every
-known digest using hmac.compare_digest, without an early exit, so the time taken does not depend on
-which digest (if any) matched.
+the adapter never holds or compares plaintext. A presented key is digested once; its first 8 bytes select a
+bucket (a dict lookup) and the full digest is compared with each stored one in the bucket using
+hmac.compare_digest. Timing can then reveal at most a prefix of SHA-256(presented key), which says nothing
+about any stored key (turning a digest into a key is a preimage attack), and lookup stays O(1) with
+thousands of tenants.
 
 Trusted sources (off unless configured): a header set by an authentication filter in front of ext_proc
 (Envoy must strip any client-sent copy of it — jwt_authn's claim_to_headers does), or a key in Envoy dynamic
@@ -35,18 +37,23 @@ class TrustedSource:
 
 
 class KeyMap:
+    # Digests are bucketed by their first bytes (a dict lookup), then compared in full in constant time.
+    _PREFIX = 8
+
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
-        # (digest bytes, entitlement) pairs; a digest held by two entitlements is a config error.
-        self._entries: list[tuple[bytes, str]] = []
-        seen: dict[str, str] = {}
+        self._buckets: dict[bytes, list[tuple[bytes, str]]] = {}
+        owner: dict[bytes, str] = {}
         for hexdigest, entitlement in pairs:
-            hexdigest = hexdigest.lower()
-            if seen.get(hexdigest, entitlement) != entitlement:
-                raise ValueError(f"API key digest {hexdigest[:12]}… is held by both {seen[hexdigest]} and {entitlement}")
-            if hexdigest in seen:
+            d = bytes.fromhex(hexdigest)
+            if len(d) != 32:
+                raise ValueError(f"not a SHA-256 digest: {hexdigest[:12]}…")
+            if d in owner:
+                if owner[d] != entitlement:
+                    raise ValueError(f"API key digest {hexdigest[:12]}… is held by both {owner[d]} and {entitlement}")
                 continue
-            seen[hexdigest] = entitlement
-            self._entries.append((bytes.fromhex(hexdigest), entitlement))
+            owner[d] = entitlement
+            self._buckets.setdefault(d[: self._PREFIX], []).append((d, entitlement))
+        self._count = len(owner)
 
     @classmethod
     def from_config(cls, config: Config) -> KeyMap:
@@ -57,14 +64,14 @@ class KeyMap:
         return cls(pairs)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     def lookup(self, key: str) -> str | None:
         presented = hashlib.sha256(key.encode("utf-8")).digest()
         found: str | None = None
-        for stored, entitlement in self._entries:
+        for stored, entitlement in self._buckets.get(presented[: self._PREFIX], ()):
             if hmac.compare_digest(stored, presented):
-                found = entitlement  # no break: same work whether or not (and where) it matched
+                found = entitlement
         return found
 
 

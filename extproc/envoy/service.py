@@ -137,7 +137,7 @@ class AdapterStats:
     streams: int = 0
     admitted: int = 0
     queued: int = 0
-    rejected: Counter = field(default_factory=Counter)  # by reply code
+    refusals: Counter = field(default_factory=Counter)  # ImmediateResponses, by "status:code"
     finished: int = 0
     released: int = 0
     evicted: int = 0
@@ -264,7 +264,7 @@ class Exchange:
 
     def _reply(self, reply: Reply) -> list[pb.ProcessingResponse]:
         self.done = True
-        self.gw.stats.rejected[f"{reply.status}:{reply.code}"] += 1
+        self.gw.stats.refusals[f"{reply.status}:{reply.code}"] += 1
         log.debug("reply", status=reply.status, code=reply.code, rid=self.rid, entitlement=self.entitlement)
         return [_immediate(reply)]
 

@@ -68,3 +68,16 @@ def test_trusted_sources_only_when_configured():
     src = TrustedSource(metadata_namespace="authn")
     assert trusted_entitlement(src, {}, meta) == "hashed"
     assert trusted_entitlement(TrustedSource(metadata_namespace="authn", metadata_key="other"), {}, meta) is None
+
+
+def test_bucket_collisions_still_compare_the_full_digest():
+    a = "00" * 8 + "11" * 24
+    b = "00" * 8 + "22" * 24  # same 8-byte prefix, different digest
+    keys = KeyMap([(a, "A"), (b, "B")])
+    assert len(keys) == 2
+    assert keys._buckets[bytes(8)] == [(bytes.fromhex(a), "A"), (bytes.fromhex(b), "B")]
+    import hashlib as _h
+
+    real = _h.sha256(b"k").hexdigest()
+    keys = KeyMap([(real[:16] + "0" * 48, "fake"), (real, "real")])
+    assert keys.lookup("k") == "real"
