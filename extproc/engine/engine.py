@@ -202,7 +202,10 @@ class Engine:
             if e.cls is ServiceClass.GUARANTEED and not b.can_take(cost):
                 return Reason.OVER_THROUGHPUT, False
             if e.in_flight + 1 <= e.a_conc + _EPS and e.kv + kv <= e.a_kv + _EPS and b.can_take(cost):
-                if p.used_conc + 1 <= p.cap_conc and p.used_kv + kv <= p.cap_kv:
+                # Protected work uses its own held headroom, never another's (an elastic tenant back from idle
+                # waits for what was lent out while it was away; it must not take a guaranteed tenant's slot).
+                conc_short, kv_short = self._shortfall(e, kv)
+                if conc_short <= _EPS and kv_short <= _EPS:
                     return None, True
                 return Reason.POOL_CONTENDED, True
         # Burst work: only what is neither used nor held for others' allocations. Preemptible work may borrow the
@@ -252,23 +255,34 @@ class Engine:
         self.reserved_total += 1
         self._set_head(e)
 
+    @staticmethod
+    def _shortfall(e: EntitlementState, kv: float) -> tuple[float, float]:
+        """How much concurrency and KV a request of `e` lacks, counting what others' headroom holds as taken."""
+        p = e.pool
+        if e.reserved:  # only dedicated/guaranteed headroom binds them: every admission keeps it free for them
+            held_conc, held_kv = p.rhead_conc, p.rhead_kv
+        else:
+            held_conc, held_kv = p.head_conc, p.head_kv
+        conc = p.used_conc + 1 + (held_conc - e.h_conc) - p.cap_conc
+        kv_ = p.used_kv + kv + (held_kv - e.h_kv) - p.cap_kv
+        return conc, kv_
+
     def _evict_for(self, e: EntitlementState, kv: float, now: float) -> list[str]:
         """Preemptible requests of lower weight to terminate so that protected work of `e` fits; [] if none do."""
         p = e.pool
-        need_conc = p.used_conc + 1 - p.cap_conc
-        need_kv = p.used_kv + kv - p.cap_kv
+        need_conc, need_kv = self._shortfall(e, kv)
         victims = sorted(
             (r for r in p.inflight.values() if r.ent.cls is ServiceClass.PREEMPTIBLE and r.ent.weight < e.weight),
             key=lambda r: (r.ent.weight, -r.start),  # lowest priority first, then the one with least work done
         )
         chosen: list[Reservation] = []
         for r in victims:
-            if need_conc <= 0 and need_kv <= 0:
+            if need_conc <= _EPS and need_kv <= _EPS:
                 break
             chosen.append(r)
             need_conc -= 1
             need_kv -= r.kv
-        if need_conc > 0 or need_kv > 0:
+        if need_conc > _EPS or need_kv > _EPS:
             return []
         for r in chosen:
             r.ent.evicted_total += 1
@@ -613,6 +627,9 @@ class Engine:
         p = e.pool
         p.head_kv += hk - e.h_kv
         p.head_conc += hc - e.h_conc
+        if e.reserved:
+            p.rhead_kv += hk - e.h_kv
+            p.rhead_conc += hc - e.h_conc
         e.h_kv = hk
         e.h_conc = hc
 
@@ -698,6 +715,7 @@ class Engine:
             assert p.used_conc == len(p.inflight)
             assert p.queued == sum(len(e.queue) for e in p.ents)
             assert abs(p.head_conc - sum(e.h_conc for e in p.ents)) < 1e-6
+            assert abs(p.rhead_conc - sum(e.h_conc for e in p.ents if e.reserved)) < 1e-6
             for e in p.ents:
                 assert e.in_flight >= 0 and e.kv >= 0
         assert len(self.inflight) == self.reserved_total - self.released_total
