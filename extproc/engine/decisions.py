@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -39,7 +40,7 @@ class Decision:
     # max_tokens the engine reserved for (the request's own, or the entitlement/pool default).
     max_tokens: int = 0
     # Preemptible requests the adapter must terminate now (their reservations are already released).
-    evict: list[str] = field(default_factory=list)
+    evict: Sequence[str] = ()
 
 
 @dataclass(slots=True)

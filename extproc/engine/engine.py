@@ -144,7 +144,9 @@ class Engine:
     def admit(
         self, request_id: str, entitlement: str, input_tokens: int, max_tokens: int | None, now: float
     ) -> Decision:
-        now = self._clock(now)
+        if now < self._now:  # inlined _clock(): this is the hot path
+            now = self._now
+        self._now = now
         if request_id in self.inflight or request_id in self.waiting:
             raise ValueError(f"request id {request_id!r} is already known to the engine")
         if input_tokens < 0 or (max_tokens is not None and max_tokens < 1):
@@ -170,7 +172,7 @@ class Engine:
         behind = False
         if reason is None and (e.queue or (not protected and self._outranked(e, p))):
             reason, behind = Reason.POOL_CONTENDED, True  # others wait already: no jumping the queue
-        evict: list[str] = []
+        evict: tuple[str, ...] | list[str] = ()
         if reason is Reason.POOL_CONTENDED and protected and not behind:
             evict = self._evict_for(e, kv, now)
             if evict:
@@ -617,6 +619,8 @@ class Engine:
         """Keep the pool's held headroom equal to Σ max(0, allocation − used) over the entitlements that hold
         it: dedicated and guaranteed always (unless lendReserved is "idle" and they are idle), elastic while
         active. Burst work other than preemptible may not use held headroom."""
+        if e.bucket is None and not e.h_conc and not e.h_kv:
+            return  # spot and preemptible hold nothing: the common case, kept cheap
         if e.serving and e.bucket is not None and (e.active or (e.reserved and e.pool.strict)):
             hk = e.a_kv - e.kv
             hc = e.a_conc - e.in_flight

@@ -92,7 +92,6 @@ class PoolState:
         # Surplus bucket: throughput not allocated to active entitlements, plus what their full buckets spill.
         self.surplus = TokenBucket(0.0, 0.0, now)
         self.set_capacity(self.replicas, now)
-        self.surplus.level = self.surplus.depth
         self.blocked_key = None  # (-weight, -debt) of the best waiter blocked by the pool itself, if any
         self.wake = INF  # when a waiter blocked on a bucket can next be admitted (refill), for next_wakeup()
 
@@ -105,7 +104,10 @@ class PoolState:
         self.cap_conc = replicas * per.concurrency
         # One sequence's share of a replica's throughput: how fast a single request progresses.
         self.seq_rate = per.tokens_per_second / per.concurrency
+        old_depth = self.surplus.depth
         self.surplus.set_rate(self.surplus.rate, self.cap_tps * self.spec.control.burst_seconds, now)
+        if self.surplus.depth > old_depth:  # a new replica arrives idle: its throughput is there at once
+            self.surplus.level = min(self.surplus.depth, self.surplus.level + self.surplus.depth - old_depth)
 
     def expected_duration(self, cost: float) -> float:
         return cost / self.seq_rate
@@ -115,7 +117,7 @@ class EntitlementState:
     __slots__ = (
         "name", "spec", "pool", "cls", "class_weight", "slo_ms", "order",
         "b_tps", "b_kv", "b_conc", "c_kv", "c_conc", "a_tps", "a_kv", "a_conc",
-        "bucket", "ceiling", "in_flight", "kv", "lifecycle", "weight", "debt", "burst",
+        "bucket", "ceiling", "in_flight", "kv", "_lifecycle", "serving", "reserved", "weight", "debt", "burst",
         "active", "last_arrival", "h_kv", "h_conc", "queue", "refused",
         "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total", "rejected_by_reason",
         "max_tokens_default", "evicted_total", "retired", "measured",
@@ -153,6 +155,7 @@ class EntitlementState:
         self.bucket = TokenBucket(self.b_tps, self.b_tps * depth_s, now) if self.cls in BASELINE_CLASSES else None
         self.in_flight = 0
         self.kv = 0
+        self.reserved = self.cls in RESERVED_CLASSES
         self.lifecycle = Lifecycle.PENDING
         self.weight = 0.0
         self.debt = 0.0
@@ -181,12 +184,14 @@ class EntitlementState:
     )  # fmt: skip
 
     @property
-    def reserved(self) -> bool:
-        return self.cls in RESERVED_CLASSES
+    def lifecycle(self) -> Lifecycle:
+        return self._lifecycle
 
-    @property
-    def serving(self) -> bool:
-        return self.lifecycle is Lifecycle.BOUND or self.lifecycle is Lifecycle.DEGRADED
+    @lifecycle.setter
+    def lifecycle(self, value: Lifecycle) -> None:
+        # `serving` is read on every admission; keep it as a plain attribute.
+        self._lifecycle = value
+        self.serving = value is Lifecycle.BOUND or value is Lifecycle.DEGRADED
 
 
 def _fill_baseline(spec: TokenEntitlementSpec, tps: float, kv: int, conc: int) -> tuple[float, float, float]:
