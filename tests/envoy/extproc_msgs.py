@@ -52,6 +52,33 @@ spec:
   qos: {serviceClass: preemptible}
   burst: {concurrency: 2}
   auth: {apiKeys: [k-p2]}
+---
+apiVersion: tokenpools.io/v1alpha1
+kind: TokenPool
+metadata: {name: zero}
+spec:
+  model: m-zero
+  replicas: {min: 0, max: 2, current: 0}
+  perReplica: {tokensPerSecond: 100, concurrency: 2, kvCacheTokens: 1000}
+---
+apiVersion: tokenpools.io/v1alpha1
+kind: TokenEntitlement
+metadata: {name: zs, labels: {tokenpools.io/demo: "true"}}
+spec:
+  tenantId: t4
+  poolRef: {name: zero}
+  qos: {serviceClass: spot}
+  auth: {apiKeys: [k-zs]}
+---
+apiVersion: tokenpools.io/v1alpha1
+kind: TokenEntitlement
+metadata: {name: zg, labels: {tokenpools.io/demo: "true"}}
+spec:
+  tenantId: t5
+  poolRef: {name: zero}
+  qos: {serviceClass: guaranteed}
+  resources: {concurrency: 1}
+  auth: {apiKeys: [k-zg]}
 """
 
 

@@ -264,3 +264,17 @@ def test_upstream_error_releases():
     assert ent(gw, "g1")["in_flight"] == 0 and gw.stats.released == 1
     out = ex.handle(response_body(b'{"error": {}}', True))
     assert streamed(out[0], "response_body") == (b'{"error": {}}', True)
+
+
+def test_engine_refusals_map_to_statuses():
+    gw, _ = make()
+    _, (r,) = admitted(gw, chat("m-zero"), key="k-zs")
+    status, headers, body = immediate(r)
+    assert status == 503 and body["error"]["code"] == "no_capacity" and headers["retry-after"] == "30"
+    _, (r,) = admitted(gw, chat("m-zero"), key="k-zg")  # a guaranteed baseline a zero-replica pool cannot honour
+    status, headers, body = immediate(r)
+    assert status == 403 and body["error"]["code"] == "not_bound" and "retry-after" not in headers
+    _, (r,) = admitted(gw, chat(max_tokens=200_000))  # more than the pool's whole KV cache
+    status, _, body = immediate(r)
+    assert status == 400 and body["error"]["code"] == "over_kv"
+    assert gw.live == {} and all(ent(gw, n)["in_flight"] == 0 for n in ("g1", "zs", "zg"))
