@@ -46,6 +46,10 @@ def run_virtual(
             now = heap[0][0]  # idle: jump to the next arrival
             continue
         result = scheduler.step(now)
+        if result.num_tokens == 0:
+            # Work left but nothing schedulable: the state cannot change, so this would spin forever.
+            raise RuntimeError(f"scheduler stalled at t={now}: {scheduler.num_waiting} waiting, "
+                               f"{scheduler.num_running} running, {scheduler.free_blocks} free blocks")
         now = result.end
         if on_step is not None:
             on_step(result)
