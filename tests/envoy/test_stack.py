@@ -58,6 +58,10 @@ def test_up_serves_and_stops_cleanly(tmp_path):
         assert proc.wait(20) == 0
         for pid in children:  # every child is gone, none left behind
             assert not _is_running(pid), pid
+    except BaseException:
+        for log in sorted(tmp_path.glob("*.log")) + [tmp_path / "up.out"]:  # shown by pytest on failure
+            print(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()
