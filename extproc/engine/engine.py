@@ -135,6 +135,13 @@ class Engine:
         ent = self.ents.get(name)
         return ent.spec if ent else None
 
+    def concurrency_ceiling(self, name: str) -> int | None:
+        """The most requests the entitlement may have in flight now (its ceiling, bounded by the pool)."""
+        e = self.ents.get(name)
+        if e is None:
+            return None
+        return int(min(e.c_conc, e.pool.cap_conc))
+
     def pool_spec(self, name: str) -> TokenPoolSpec | None:
         pool = self.pools.get(name)
         return pool.spec if pool else None
@@ -149,7 +156,7 @@ class Engine:
         self._now = now
         if request_id in self.inflight or request_id in self.waiting:
             raise ValueError(f"request id {request_id!r} is already known to the engine")
-        if input_tokens < 0 or (max_tokens is not None and max_tokens < 1):
+        if input_tokens < 0 or (max_tokens is not None and max_tokens < 0):  # 0: no output (embeddings)
             raise ValueError(f"bad token counts: input={input_tokens} max_tokens={max_tokens}")
         e = self.ents.get(entitlement)
         if e is None:
@@ -700,6 +707,11 @@ class Engine:
                 "reserved_kv_tokens": e.kv,
                 "queued": len(e.queue),
                 "baseline": {"tokens_per_second": e.b_tps, "kv_cache_tokens": e.b_kv, "concurrency": e.b_conc},
+                "ceiling": {
+                    "tokens_per_second": e.ceiling.rate if e.ceiling else (e.b_tps if e.cls is ServiceClass.GUARANTEED else None),
+                    "kv_cache_tokens": _finite_or_none(e.c_kv),
+                    "concurrency": _finite_or_none(e.c_conc),
+                },
                 "allocation": {"tokens_per_second": e.a_tps, "kv_cache_tokens": e.a_kv, "concurrency": e.a_conc},
                 "debt": round(e.debt, 6),
                 "burst": round(e.burst, 6),
@@ -723,6 +735,10 @@ class Engine:
             for e in p.ents:
                 assert e.in_flight >= 0 and e.kv >= 0
         assert len(self.inflight) == self.reserved_total - self.released_total
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _finite(x: float) -> float:

@@ -67,7 +67,7 @@ class OpenAIRequest:
     def output_budget(self) -> int | None:
         """max_tokens for the whole request (all choices), or None: let the engine apply a default."""
         if self.kind == "embeddings":
-            return 1  # nothing is generated; 1 is the least the engine accepts (max_tokens >= 1)
+            return 0  # nothing is generated
         return None if self.max_tokens is None else self.max_tokens * self.fanout
 
     @property

@@ -169,7 +169,6 @@ class Gateway:
         self.live: dict[str, Exchange] = {}  # request id -> exchange (registered from admit to settle)
         self.in_flight: Counter[str] = Counter()  # admitted and not yet settled, per entitlement
         self.stats = AdapterStats()
-        self._limits: dict[str, int | None] = {}
 
     # Engine events: queued requests admitted or given up, in-flight ones evicted.
     def dispatch(self, events: Events | None) -> None:
@@ -203,23 +202,8 @@ class Gateway:
         self.dispatch(self.engine.tick(self.clock()))
 
     def concurrency_limit(self, entitlement: str) -> int | None:
-        """The entitlement's concurrency ceiling as the RateLimit headers state it (advisory)."""
-        if entitlement in self._limits:
-            return self._limits[entitlement]
-        limit: int | None = None
-        spec = self.engine.entitlement_spec(entitlement)
-        pool = self.engine.pool_spec(spec.pool_ref.name) if spec is not None else None
-        if spec is not None and pool is not None:
-            r = pool.replicas
-            pool_cap = pool.per_replica.concurrency * (r.current if r.current is not None else max(r.min, 1))
-            if spec.qos.service_class == ServiceClass.GUARANTEED and spec.resources.concurrency:
-                limit = spec.resources.concurrency
-            elif spec.burst is not None and spec.burst.concurrency:
-                limit = spec.burst.concurrency
-            else:
-                limit = pool_cap
-        self._limits[entitlement] = limit
-        return limit
+        """The entitlement's concurrency ceiling as the RateLimit headers state it (the engine's own)."""
+        return self.engine.concurrency_ceiling(entitlement)
 
     def ratelimit(self, entitlement: str) -> dict[str, str]:
         limit = self.concurrency_limit(entitlement)

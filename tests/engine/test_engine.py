@@ -181,7 +181,8 @@ def test_bad_arguments_are_errors_not_silent():
     with pytest.raises(ValueError):
         eng.admit("1", "s", -1, 10, 0.0)
     with pytest.raises(ValueError):
-        eng.admit("1", "s", 1, 0, 0.0)
+        eng.admit("1", "s", 1, -1, 0.0)
+    assert eng.admit("0", "s", 8, 0, 0.0).verdict is Verdict.ADMIT  # an embedding: no output tokens
     eng.admit("1", "s", 1, 1, 0.0)
     with pytest.raises(ValueError):
         eng.admit("1", "s", 1, 1, 0.0)

@@ -47,9 +47,9 @@ def test_completions_batch_and_token_ids():
     assert batch_ids.exact and batch_ids.extra_tokens == 3 and batch_ids.fanout == 2
 
 
-def test_embeddings_reserve_the_minimum_output():
+def test_embeddings_reserve_no_output():
     req = parse("embeddings", body(model="m", input=["a", "bb"]))
-    assert req.output_budget == 1 and req.text_bytes == 3
+    assert req.output_budget == 0 and req.text_bytes == 3
     assert upstream_body(req, 64) is None  # nothing injected into embeddings
 
 
