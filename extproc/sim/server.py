@@ -33,6 +33,7 @@ from aiohttp import web
 from extproc.sim.metrics import EngineMetrics
 from extproc.sim.profiles import Profile
 from extproc.sim.scheduler import Request, Scheduler, StepResult
+from extproc.sim.sse import DONE, ChunkEncoder
 from extproc.sim.tokens import PromptError, chat_prompt_tokens, completion_prompt_tokens, filler_text
 
 
@@ -336,8 +337,7 @@ class SimServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         interval = self.config.stream_interval
-        head = {"id": h.rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.config.model}
+        enc = ChunkEncoder(h.rid, int(time.time()), self.config.model, chat)
         sent = 0
         while True:
             await h.event.wait()
@@ -350,23 +350,14 @@ class SimServer:
                 n = 1 if sent == 0 else min(interval, ready - sent)
                 if sent > 0 and n < interval and not done:
                     break
-                reason = "length" if done and sent + n == ready else None
-                if chat and sent == 0:  # vLLM's first chunk: the role, empty content
-                    out.append(_sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]}))
-                text = filler_text(sent, sent + n)
-                if chat:
-                    choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": reason}
-                else:
-                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-                if reason is not None:
-                    choice["stop_reason"] = None
-                out.append(_sse({**head, "choices": [choice]}))
+                if chat and sent == 0:
+                    out.append(enc.role())
+                out.append(enc.tokens(sent, sent + n, last=done and sent + n == ready))
                 sent += n
             if done:
                 if include_usage:
-                    out.append(_sse({**head, "choices": [], "usage": self._usage(h)}))
-                out.append(b"data: [DONE]\n\n")
+                    out.append(enc.usage(self._usage(h)))
+                out.append(DONE)
             if out:
                 await resp.write(b"".join(out))
             if done:
@@ -397,10 +388,6 @@ class SimServer:
 
 def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8100,
