@@ -37,6 +37,10 @@ from extproc.sim.sse import DONE, ChunkEncoder
 from extproc.sim.tokens import PromptError, chat_prompt_tokens, completion_prompt_tokens, filler_text
 
 
+# Lag (wall seconds) absorbed by running steps back to back; beyond it the simulated clock jumps ahead.
+LAG_TOLERANCE_S = 0.02
+
+
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     profile: Profile
@@ -60,9 +64,6 @@ class HTTPError(Exception):
     def response(self) -> web.Response:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
         return web.Response(body=_dumps(body), status=self.status, content_type="application/json")
-
-
-LAG_TOLERANCE_S = 0.02
 
 
 class _Handle:
@@ -103,7 +104,7 @@ class LagStats:
         recent = sorted(self.recent)
         p99 = recent[min(len(recent) - 1, int(0.99 * len(recent)))] if recent else 0.0
         mean = self.total / self.steps if self.steps else 0.0
-        return {"steps": self.steps, "lag_mean_wall_s": mean, "lag_p99_recent_wall_s": p99,
+        return {"lag_samples": self.steps, "lag_mean_wall_s": mean, "lag_p99_recent_wall_s": p99,
                 "lag_max_wall_s": self.max, "lag_mean_sim_s": mean * time_scale, "lag_max_sim_s": self.max * time_scale}
 
 
@@ -373,7 +374,9 @@ class SimServer:
         return web.Response(body=_dumps({"object": "list", "data": data}), content_type="application/json")
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        # Like vLLM: 200 while the engine runs, 503 once it is dead.
+        alive = self._engine is not None and not self._engine.done()
+        return web.Response(status=200 if alive else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         lag = self.lag.summary(self.config.time_scale)
