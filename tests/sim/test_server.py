@@ -226,7 +226,7 @@ def test_reported_times_are_simulated_seconds():
             steps = [prof.step_time(2048, 0, 2048), prof.step_time(2048, 0, 4096), prof.step_time(2048, 0, 6144),
                      prof.step_time(1856, 0, 8000)]
             assert ttft - queue == pytest.approx(sum(steps), rel=1e-6)
-            assert 0 <= queue < 0.1
+            assert 0 <= queue < 1.0  # wake-up latency only (x50 in simulated time)
             stats = await (await client.get("/sim/stats")).json()
             assert stats["time_scale"] == 50.0 and stats["steps"] == 4 and "lag_max_wall_s" in stats
             assert stats["sim_now_s"] > sum(steps)
