@@ -17,6 +17,7 @@ class _LazyGroup(click.Group):
         "up": ("extproc.stack", "up_command"),
         "sim-backend": ("extproc.sim.cli", "sim_backend"),
         "bench": ("bench.cli", "bench"),
+        "experiment": ("extproc.experiments.cli", "experiment"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
