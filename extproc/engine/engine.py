@@ -240,7 +240,11 @@ class Engine:
 
     def _reserve(self, e, rid, input_tokens, max_tokens, kv, protected, now) -> None:
         p = e.pool
-        self._mark(e, now)
+        dt = now - e.t_mark  # _mark(), inlined on the hot path
+        if dt > 0:
+            e.area_kv += e.kv * dt
+            e.area_conc += e.in_flight * dt
+            e.t_mark = now
         cost = kv
         if protected:
             e.bucket.level -= cost
@@ -262,7 +266,8 @@ class Engine:
             p.threshold = e.weight
         e.admitted_total += 1
         self.reserved_total += 1
-        self._set_head(e)
+        if e.bucket is not None:  # only baseline holders have headroom to update
+            self._set_head(e)
 
     @staticmethod
     def _shortfall(e: EntitlementState, kv: float) -> tuple[float, float]:
@@ -429,7 +434,11 @@ class Engine:
     def _free(self, r: Reservation, used_tokens: float, now: float, dispatch: bool = False) -> Events:
         e = r.ent
         p = e.pool
-        self._mark(e, now)
+        dt = now - e.t_mark  # _mark(), inlined on the hot path
+        if dt > 0:
+            e.area_kv += e.kv * dt
+            e.area_conc += e.in_flight * dt
+            e.t_mark = now
         diff = used_tokens - r.cost  # > 0: real usage beyond the reservation puts the bucket into debt
         if r.protected:
             e.bucket.level -= diff
@@ -445,9 +454,13 @@ class Engine:
         del p.inflight[r.rid]
         del self.inflight[r.rid]
         self.released_total += 1
-        self._set_head(e)
+        if e.bucket is not None or e.h_conc or e.h_kv:
+            self._set_head(e)
         if e.retired and not e.in_flight:
             p.ents.remove(e)
+        if len(p.completions) > 2 * len(p.inflight) + 64:  # drop stale entries so the heap stays bounded
+            p.completions = [(x.end, x.rid) for x in p.inflight.values()]
+            heapq.heapify(p.completions)
         events = Events()
         if dispatch:
             self._dispatch(p, now, events)
