@@ -86,7 +86,8 @@ class Engine:
                 old.order = order
                 continue
             pool = self.pools[doc.spec.pool_ref.name]
-            new = EntitlementState(name, doc.spec, pool, order, now)
+            share = old.share if old is not None and old.pool is pool else pool.share
+            new = EntitlementState(name, doc.spec, pool, order, now, share)
             if old is not None and old.pool is pool:
                 self._carry_over(old, new)
             elif old is not None:  # moved to another pool: the old one drains where it is
@@ -99,6 +100,28 @@ class Engine:
             p.ents.sort(key=lambda e: (e.retired, e.order))
             self._control(p, now, measure=False, events=events)
             self._dispatch(p, now, events)
+        return events
+
+    def set_shares(self, pool: str, share: float, entitlement_shares: dict[str, float], now: float) -> Events:
+        """Hand out only a fraction of the pool: `share` of its capacity, and per entitlement its own fraction
+        of baseline and ceilings (default: `share`). Used when several gateway replicas share one pool; the
+        fractions of all replicas sum to at most 1, so together they never admit more than the pool has."""
+        now = self._clock(now)
+        if not 0.0 <= share <= 1.0 or any(not 0.0 <= v <= 1.0 for v in entitlement_shares.values()):
+            raise ValueError("shares must be within [0, 1]")
+        p = self.pools[pool]
+        p.share = share
+        p.set_capacity(p.replicas, now)
+        for e in list(p.ents):
+            want = entitlement_shares.get(e.name, share)
+            if e.retired or want == e.share:
+                continue
+            new = EntitlementState(e.name, e.spec, p, e.order, now, want)
+            self._carry_over(e, new)
+            self.ents[e.name] = new
+        events = Events()
+        self._control(p, now, measure=False, events=events)
+        self._dispatch(p, now, events)
         return events
 
     def _carry_over(self, old: EntitlementState, new: EntitlementState) -> None:

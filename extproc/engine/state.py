@@ -65,7 +65,7 @@ class PoolState:
     __slots__ = (
         "name", "spec", "replicas", "cap_tps", "cap_kv", "cap_conc", "seq_rate",
         "used_kv", "used_conc", "head_kv", "head_conc", "surplus", "ents", "inflight",
-        "queued", "queue_heap", "last_control", "threshold", "completions", "wake", "blocked_key", "strict", "rhead_kv", "rhead_conc",
+        "queued", "queue_heap", "last_control", "threshold", "completions", "wake", "blocked_key", "strict", "rhead_kv", "rhead_conc", "share",
     )  # fmt: skip
 
     def __init__(self, name: str, spec: TokenPoolSpec, now: float) -> None:
@@ -91,6 +91,9 @@ class PoolState:
         self.completions: list = []  # heap of (expected end, rid) for Retry-After; stale entries skipped
         # Surplus bucket: throughput not allocated to active entitlements, plus what their full buckets spill.
         self.surplus = TokenBucket(0.0, 0.0, now)
+        # The fraction of the pool this engine may hand out: 1 alone; less when several gateway replicas share
+        # the pool (extproc/state/ leases each replica its share).
+        self.share = 1.0
         self.set_capacity(self.replicas, now)
         self.blocked_key = None  # (-weight, -debt) of the best waiter blocked by the pool itself, if any
         self.wake = INF  # when a waiter blocked on a bucket can next be admitted (refill), for next_wakeup()
@@ -99,9 +102,9 @@ class PoolState:
         per = self.spec.per_replica
         kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
         self.replicas = replicas
-        self.cap_tps = replicas * per.tokens_per_second
-        self.cap_kv = replicas * kv_per
-        self.cap_conc = replicas * per.concurrency
+        self.cap_tps = replicas * per.tokens_per_second * self.share
+        self.cap_kv = replicas * kv_per * self.share
+        self.cap_conc = replicas * per.concurrency * self.share
         # One sequence's share of a replica's throughput: how fast a single request progresses.
         self.seq_rate = per.tokens_per_second / per.concurrency
         old_depth = self.surplus.depth
@@ -120,11 +123,14 @@ class EntitlementState:
         "bucket", "ceiling", "in_flight", "kv", "_lifecycle", "serving", "reserved", "weight", "debt", "burst",
         "active", "last_arrival", "h_kv", "h_conc", "queue", "refused",
         "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total", "rejected_by_reason",
-        "max_tokens_default", "evicted_total", "retired", "measured",
+        "max_tokens_default", "evicted_total", "retired", "measured", "share",
     )  # fmt: skip
 
-    def __init__(self, name: str, spec: TokenEntitlementSpec, pool: PoolState, order: int, now: float) -> None:
+    def __init__(
+        self, name: str, spec: TokenEntitlementSpec, pool: PoolState, order: int, now: float, share: float = 1.0
+    ) -> None:
         self.name = name
+        self.share = share  # fraction of its baseline and ceilings this engine hands out (see PoolState.share)
         self.spec = spec
         self.pool = pool
         self.order = order
@@ -134,7 +140,8 @@ class EntitlementState:
         self.max_tokens_default = spec.defaults.max_tokens or pool.spec.default_max_tokens
         per = pool.spec.per_replica
         kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
-        self.b_tps, self.b_kv, self.b_conc = _fill_baseline(spec, per.tokens_per_second, kv_per, per.concurrency)
+        b = _fill_baseline(spec, per.tokens_per_second, kv_per, per.concurrency)
+        self.b_tps, self.b_kv, self.b_conc = b[0] * share, b[1] * share, b[2] * share
         # The control loop measures an entitlement in the units it is written in: dimensions filled in from the
         # pool's ratios are enforced but not measured (throughput sampled per period is lumpy, since requests
         # are charged at admission, and would read as bursting or credit where there is none).
@@ -145,9 +152,9 @@ class EntitlementState:
         if self.cls is ServiceClass.GUARANTEED:
             self.c_kv, self.c_conc, c_tps = self.b_kv, self.b_conc, None
         else:
-            self.c_kv = burst.kv_cache_tokens if burst and burst.kv_cache_tokens is not None else INF
-            self.c_conc = burst.concurrency if burst and burst.concurrency is not None else INF
-            c_tps = burst.tokens_per_second if burst and burst.tokens_per_second is not None else None
+            self.c_kv = burst.kv_cache_tokens * share if burst and burst.kv_cache_tokens is not None else INF
+            self.c_conc = burst.concurrency * share if burst and burst.concurrency is not None else INF
+            c_tps = burst.tokens_per_second * share if burst and burst.tokens_per_second is not None else None
         depth_s = pool.spec.control.burst_seconds
         self.ceiling = TokenBucket(c_tps, c_tps * depth_s, now) if c_tps is not None else None
         # Effective allocation (set by the control tick); starts at the baseline.

@@ -187,3 +187,22 @@ def test_bad_arguments_are_errors_not_silent():
     with pytest.raises(ValueError):
         eng.admit("1", "s", 1, 1, 0.0)
     assert eng.admit("2", "nobody", 1, 1, 0.0).reason is Reason.NOT_BOUND
+
+
+def test_shares_split_capacity_and_entitlements_between_gateway_replicas():
+    eng = engine(
+        ent_doc("g", "guaranteed", resources={"concurrency": 6}),
+        ent_doc("s", "spot", burst={"concurrency": 8}),
+        conc=16,
+    )
+    eng.admit("g0", "g", 10, 10, 0.0)
+    eng.set_shares("pool", 0.5, {"g": 0.5}, 1.0)
+    p, g, s = eng.pools["pool"], eng.ents["g"], eng.ents["s"]
+    assert (p.cap_conc, g.b_conc, g.c_conc, s.c_conc) == (8, 3, 3, 4)
+    assert g.in_flight == 1 and eng.inflight["g0"].ent is g  # state carried over to the re-shared entitlement
+    for i in range(1, 3):
+        assert eng.admit(f"g{i}", "g", 10, 10, 1.0).verdict is Verdict.ADMIT
+    assert eng.admit("g3", "g", 10, 10, 1.0).reason is Reason.OVER_CONCURRENCY
+    with pytest.raises(ValueError):
+        eng.set_shares("pool", 1.5, {}, 2.0)
+    eng.check_invariants()
