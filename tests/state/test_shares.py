@@ -1,0 +1,162 @@
+"""The pure half (targets, priority merge), the store options, and the Lua lease script driven directly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.engine import Engine
+from extproc.state import MemoryStore, open_store
+from extproc.state.redis_store import LEASE_LUA, RedisStore, parse_url
+from extproc.state.shares import POOL, PRIOR, EntObs, PoolObs, merge_priorities, observe, targets
+
+from .harness import mixed_config
+
+
+def _obs(ents: dict[str, tuple[float, bool]]) -> dict[str, PoolObs]:
+    """A pool observation with entitlements name -> (baseline fraction, held when idle)."""
+    po = PoolObs(1.0, 0.0)
+    for name, (frac, holds) in ents.items():
+        po.ents[name] = EntObs(1.0, 0.0, frac, True, holds, 0, 0, 0.0, 0.0)
+    return {"p": po}
+
+
+demands = st.dictionaries(st.sampled_from(["g", "e", "s"]), st.one_of(st.just(0.0), st.floats(1e-3, 100)), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(demands, min_size=1, max_size=5))
+def test_targets_of_all_replicas_sum_to_one(per_replica):
+    """Seen from the same demands, the replicas' targets split every key exactly."""
+    obs = _obs({"g": (0.3, True), "e": (0.2, False), "s": (0.0, False)})
+    ts = []
+    for i, mine in enumerate(per_replica):
+        others = [{"p": d} for j, d in enumerate(per_replica) if j != i]
+        ts.append(targets({"p": mine}, others, obs)["p"])
+    for key in ("g", "e", "s", POOL):
+        assert sum(t[key] for t in ts) == pytest.approx(1.0, abs=1e-9), (key, ts)
+    assert all(0 <= t[key] <= 1 for t in ts for key in t)
+
+
+def test_targets_follow_demand_with_an_equal_prior():
+    obs = _obs({"g": (0.5, True)})
+    mine = targets({"p": {"g": 10}}, [{"p": {}}, {"p": {}}], obs)["p"]
+    idle = targets({"p": {}}, [{"p": {"g": 10}}, {"p": {}}], obs)["p"]
+    assert mine["g"] == pytest.approx(PRIOR / 3 + 1 - PRIOR)  # the tenant's traffic is here: ~all of its baseline
+    assert idle["g"] == pytest.approx(PRIOR / 3)
+    # Pool: the replica with the demand holds its part of g's baseline plus the unreserved half split by demand.
+    assert mine[POOL] == pytest.approx(0.5 * mine["g"] + 0.5 * mine["g"])
+    nobody = targets({"p": {}}, [{"p": {}}], obs)["p"]
+    assert nobody == {"g": 0.5, POOL: 0.5}
+
+
+def test_merge_priorities_is_the_share_weighted_mean():
+    records = [
+        ({"p": {POOL: 0.5, "g": 0.75}}, {"p": {"g": [0.4, 1.0]}}),
+        ({"p": {POOL: 0.5, "g": 0.25}}, {"p": {}}),  # zero debt and burst here (sparse: absent)
+    ]
+    merged = merge_priorities(records)
+    assert merged["p"]["g"] == pytest.approx([0.3, 0.75])
+
+
+def test_observe_reads_shares_use_and_fractions():
+    cfg = mixed_config()
+    eng = Engine(cfg, 0.0)
+    eng.set_shares("pool", 0.5, {"g": 0.25}, 0.0)
+    eng.admit("r1", "g", 100, 100, 0.0)
+    po = observe(eng)["pool"]
+    assert po.applied == 0.5
+    g = po.ents["g"]
+    assert (g.applied, g.frac, g.holds_idle, g.constrained) == (0.25, pytest.approx(10 / 32), True, True)
+    assert g.used == pytest.approx(1 / 10) and g.waiting == 1 and g.arrivals == 1
+    assert po.used == pytest.approx(max(1 / 32, 200 / 16384))
+    assert not observe(eng)["open"].ents["so"].constrained  # spot without ceilings follows the pool share
+
+
+def test_open_store_and_url_options():
+    assert isinstance(open_store(None), MemoryStore) and isinstance(open_store("memory"), MemoryStore)
+    with pytest.raises(ValueError):
+        open_store("etcd://x")
+    url, opts = parse_url("redis://h:1/2?interval=0.5&lease=2&fail_share=0.25&health_check_interval=3&replica=r")
+    assert url == "redis://h:1/2?health_check_interval=3"
+    assert opts == {"interval": "0.5", "lease": "2", "fail_share": "0.25", "replica": "r"}
+    s = open_store("redis://h:1/2?interval=0.5&lease=2&fail_share=0.25&replica=r&prefix=x")
+    assert isinstance(s, RedisStore)
+    assert (s.interval, s.lease, s.fail_share, s.replica_id, s.keys[0]) == (0.5, 2.0, 0.25, "r", "{x}:claims")
+    assert open_store("redis://h:1/0").lease == 3.0  # 3 × the interval (1 s until the engine's period is known)
+
+
+def test_memory_store_holds_the_whole_pool():
+    async def main():
+        store = MemoryStore()
+        eng = Engine(mixed_config(), 0.0)
+        await store.start(eng, 0.0)
+        assert not await store.sync(1.0)
+        return store.status(), eng.pools["pool"].share
+
+    status, share = asyncio.run(main())
+    assert share == 1.0 and status["mode"] == "memory"
+
+
+def test_lua_lease_never_grants_beyond_the_room(redis_server):
+    """Random replicas following the protocol (report applied, apply the grant, use at most the grant) against
+    the script itself: Σ claims ≤ 1 after every call, usage always within a replica's claim, expired replicas
+    dropped, probation holds a (re)joining replica at what it applied."""
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    script = r.register_script(LEASE_LUA)
+    keys = ["{t}:claims", "{t}:info", "{t}:leader", "{t}:prio"]
+    rng = random.Random(7)
+    applied = {f"r{i}": 0.0 for i in range(4)}
+    used = dict.fromkeys(applied, 0.0)
+
+    def call(me: str, target: float, ttl: int) -> dict:
+        req = {"t": {"p": {POOL: [target, applied[me], used[me]]}}}
+        return orjson.loads(script(keys=keys, args=[me, ttl, orjson.dumps(req).decode(), "{}", ""]))
+
+    try:
+        t0 = time.monotonic()  # everybody joins and sits out its probation (one lease: 0.3 s) at share 0
+        while time.monotonic() < t0 + 0.35:
+            for me in applied:
+                early = time.monotonic() < t0 + 0.25
+                res = call(me, 1.0 if early else 0.0, 300)
+                assert res["g"]["p"][POOL] == 0.0 and (res["probation"] or not early)
+            time.sleep(0.01)
+        raised = 0
+        for step in range(400):
+            me = rng.choice(list(applied))
+            target = rng.random()
+            res = call(me, target, 300)
+            grant = res["g"]["p"][POOL]
+            assert not res["probation"] and grant <= target + 1e-12
+            raised += grant > applied[me]
+            applied[me] = grant
+            if rng.random() < 0.5:  # its requests drained; new ones fill the new share (saturated)
+                used[me] = grant
+            # else: still draining what it admitted before (possibly more than the new share)
+            recs = {k: orjson.loads(v) for k, v in r.hgetall(keys[0]).items()}
+            assert sum(rec["c"]["p"][POOL] for rec in recs.values()) <= 1 + 1e-9, (step, recs)
+            assert sum(used.values()) <= 1 + 1e-9, (step, used, recs)  # what the replicas really hold
+        assert raised > 50  # the room was really used
+        # After a loss of all records (a Redis restart), re-joining replicas hold at what they applied.
+        r.delete(keys[0])
+        for me in applied:
+            res = call(me, 1.0, 60_000)
+            assert res["probation"] and res["g"]["p"][POOL] <= applied[me] + 1e-12
+            applied[me] = 0.0
+        for me in applied:
+            assert call(me, 1.0, 60_000)["g"]["p"][POOL] == 0.0
+        assert all(v == 0.0 for v in applied.values())  # joined during probation at 0: still 0
+        # An expired record is removed by the next caller, and its claim no longer counts.
+        r.hset(keys[0], "ghost", orjson.dumps({"exp": 0, "since": 0, "c": {"p": {POOL: 1.0}}, "g": {}}).decode())
+        script(keys=keys, args=["r0", 1000, orjson.dumps({"t": {"p": {POOL: [0.5, 0, 0]}}}).decode(), "{}", ""])
+        assert "ghost" not in r.hgetall(keys[0])
+    finally:
+        r.close()
