@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lock clean
+.PHONY: run test test-fast bench lock clean redis-server
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,8 +16,19 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/tokenpools up
 
-test: $(STAMP)
+test: $(STAMP) redis-server
 	$(BIN)/python -m pytest
+
+# tests/state start their own redis-server on a free port. Install Debian's when it is missing (CI runs as root
+# on a clean Debian machine); otherwise say why those tests will skip (under CI=true they fail instead).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing redis-server (apt-get)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }; \
+	else echo "redis-server not found and cannot be installed here (needs root + apt-get): tests/state will skip" >&2; fi
 
 # Engine and unit tests only (no Envoy): seconds, for the edit loop.
 test-fast: $(STAMP)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import structlog
 
 from .harness import INTERVAL, LEASE, Replica, Sampler, claims, eventually, mixed_config
+
+pytestmark = pytest.mark.integration
 
 SLACK = 1.01
 

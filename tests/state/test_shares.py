@@ -104,6 +104,7 @@ def test_memory_store_holds_the_whole_pool():
     assert share == 1.0 and status["mode"] == "memory"
 
 
+@pytest.mark.integration
 def test_lua_lease_never_grants_beyond_the_room(redis_server):
     """Random replicas following the protocol (report applied, apply the grant, use at most the grant) against
     the script itself: Σ claims ≤ 1 after every call, usage always within a replica's claim, expired replicas
