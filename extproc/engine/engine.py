@@ -52,6 +52,9 @@ class Engine:
         self.reserved_total = 0
         self.released_total = 0
         self.duplicate_releases = 0
+        # Pools an autoscaler brings replicas to (the KEDA scaler adds a pool once KEDA asks about it): at zero
+        # replicas their requests wait in the queue for the first replica instead of a 503 (scale from zero).
+        self.autoscaled: set[str] = set()
         for pool in self.pools.values():
             self._control(pool, now, measure=False)
 
@@ -194,7 +197,7 @@ class Engine:
             self._set_head(e)
         kv = input_tokens + mt
         if p.cap_conc == 0:
-            return self._reject(e, request_id, Reason.NO_CAPACITY, p.spec.control.scale_up_seconds, mt)
+            return self._no_capacity(e, request_id, input_tokens, mt, now)
         if kv > p.cap_kv or kv > e.c_kv:
             return self._reject(e, request_id, Reason.OVER_KV, None, mt)  # can never fit: no retry helps
 
@@ -213,6 +216,24 @@ class Engine:
         if reason in _OWN or protected or e.weight > p.threshold:
             return self._enqueue(e, request_id, input_tokens, mt, reason, now)
         return self._reject(e, request_id, Reason.POOL_CONTENDED, self._retry(e, reason, kv, now), mt)
+
+    def _no_capacity(self, e: EntitlementState, rid: str, input_tokens: int, mt: int, now: float) -> Decision:
+        """The pool has no replica. If an autoscaler serves it, the request fits one replica and the queue has
+        room, it waits for the first replica (the controller sees the queue and asks for one); else 503."""
+        p = e.pool
+        q = p.spec.queue
+        per = p.spec.per_replica
+        kv_one = (per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens) * p.share
+        if (
+            p.name in self.autoscaled
+            and p.spec.replicas.max > 0
+            and input_tokens + mt <= min(kv_one, e.c_kv)
+            and q.timeout_seconds > 0
+            and p.queued < q.max_queued
+            and len(e.queue) < q.max_queued_per_entitlement
+        ):
+            return self._enqueue(e, rid, input_tokens, mt, Reason.NO_CAPACITY, now)
+        return self._reject(e, rid, Reason.NO_CAPACITY, p.spec.control.scale_up_seconds, mt)
 
     def _check(self, e: EntitlementState, kv: float, cost: float, now: float) -> tuple[Reason | None, bool]:
         """Can `e` start a request of this size now? Returns (blocking reason or None, protected)."""
@@ -691,6 +712,8 @@ class Engine:
         """Seconds until the capacity this request needs is expected to be free: bucket refill time for
         throughput, expected completions (plus the waiters ahead) for slots and KV."""
         p = e.pool
+        if p.cap_conc == 0:  # nothing runs until a replica comes up
+            return p.spec.control.scale_up_seconds
         if reason is Reason.OVER_THROUGHPUT:
             bucket = e.ceiling if e.ceiling is not None and not e.ceiling.can_take(cost) else e.bucket
             t = bucket.time_until(cost) if bucket is not None else math.inf
