@@ -172,6 +172,7 @@ class BackendSet:
         self.urls = list(urls)
         self.backends: dict[str, Backend] = {}
         self._resolved: dict[str, list[str]] = {}
+        self.refreshes = 0
 
     async def refresh(self, session: aiohttp.ClientSession, timeout: float) -> None:
         """Resolve names, scrape every backend once (concurrently), update up/down."""
@@ -189,11 +190,12 @@ class BackendSet:
         results = await asyncio.gather(*(scrape(session, u, timeout) for u in self.backends))
         for backend, (sample, error) in zip(list(self.backends.values()), results):
             backend.record(sample, error)
+        self.refreshes += 1
 
     @property
     def settled(self) -> bool:
-        """Every backend is known: the live count can be trusted (a fresh start does not read as 0)."""
-        return all(b.known for b in self.backends.values())
+        """Scraped, and every backend known: the live count can be trusted (a fresh start does not read as 0)."""
+        return self.refreshes > 0 and all(b.known for b in self.backends.values())
 
     @property
     def live(self) -> int:

@@ -100,7 +100,11 @@ class Controller:
             req = requirement(p, self.averager, self.policy, now)
             r = p.spec.replicas
             current = min(max(p.replicas, r.min), r.max)
-            desired = pc.hysteresis.step(req.needed, req.needed_with_band, now, current)
+            if pc.backends is not None and not pc.backends.settled and pc.hysteresis.desired is None:
+                # Not yet known what runs: answer, but start the hysteresis from the replicas really up.
+                desired = max(req.needed, current)
+            else:
+                desired = pc.hysteresis.step(req.needed, req.needed_with_band, now, current)
             pc.requirement = req
             if desired != pc.desired or not pc.changes:
                 pc.changes.append((now, desired))

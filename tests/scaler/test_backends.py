@@ -91,6 +91,7 @@ def test_scrapes_live_servers_and_counts_them():
         ports = [await s.start() for s in sims]
         dead = "http://127.0.0.1:9"  # discard port: nothing listens
         bset = BackendSet([f"http://127.0.0.1:{p}" for p in ports] + [dead])
+        assert not bset.settled and bset.live == 0  # never scraped: nothing known yet
         try:
             async with aiohttp.ClientSession() as session:
                 await bset.refresh(session, 2.0)
