@@ -93,3 +93,28 @@ def test_follow_dispatches_what_the_new_capacity_admits():
     assert seen and seen[0].admitted == ["r1"]
     ctl.follow("p", 1, 1.0)  # no change: nothing to do
     assert len(seen) == 1
+
+
+def test_hysteresis_starts_from_the_replicas_found_up():
+    """Before the first scrape the controller answers without committing; once it knows 2 replicas run, it
+    holds 2 until the scale-down delay has passed, although 1 is needed."""
+    from extproc.engine import Engine
+    from extproc.scaler.backends import Backend, Sample
+
+    eng = Engine(from_objects([pool(current=1), guaranteed("a", 6)]), 0.0)
+    urls = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    ctl = Controller(eng, clock=lambda: 0.0, options=ControllerOptions(policy=ScalingPolicy(scale_down_delay_s=60), backends={"p": urls}))
+    ctl.step(0.0)
+    assert ctl.desired("p") == 1 and ctl.pools["p"].hysteresis.desired is None and not ctl.pools["p"].backends.settled
+    bset = ctl.pools["p"].backends
+    for u in urls:
+        bset.backends[u] = Backend(u)
+        bset.backends[u].record(Sample())
+    bset.refreshes = 1
+    ctl.follow("p", bset.live, 0.5)
+    ctl.step(1.0)
+    assert eng.pools["p"].replicas == 2 and ctl.desired("p") == 2
+    ctl.step(30.0)
+    assert ctl.desired("p") == 2
+    ctl.step(61.0)
+    assert ctl.desired("p") == 1
