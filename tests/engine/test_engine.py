@@ -144,6 +144,8 @@ def test_lifecycle_pending_when_reserved_does_not_fit_and_expiry():
     assert eng.admit("1", "b", 1, 1, 0.0).reason is Reason.NOT_BOUND
     eng.set_replicas("pool", 2, 1.0)
     assert eng.ents["b"].lifecycle is Lifecycle.BOUND
+    assert eng.admit("2", "b", 1, 1, 1.0).verdict is Verdict.ADMIT
+    assert eng.inflight["2"].protected  # bound with a full bucket (within baseline), not an empty one
     eng.set_replicas("pool", 1, 2.0)  # shrinks below Σ reserved: b keeps serving, degraded, pro rata
     assert eng.ents["b"].lifecycle is Lifecycle.DEGRADED and eng.ents["b"].a_conc == pytest.approx(6.0)
 
