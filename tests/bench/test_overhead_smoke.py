@@ -1,0 +1,30 @@
+"""Smoke test of the overhead benchmark's machinery (backend, server, two Envoys, load generator, probes):
+tiny load, every phase runs and reports; no performance assertions (those live in bench/ output)."""
+
+from __future__ import annotations
+
+from bench.overhead import run, summarise_profile
+
+
+def test_overhead_machinery_runs_end_to_end():
+    r = run(duration=0.5, warmup=0.2, rounds=1, concurrency=4, tokens=3, interval_ms=5, rps_concurrency=2,
+            rss_sizes=(10,), queued=1000, quick=True)
+    s = r["summary"]
+    for phase in ("stream", "stream_short", "rps"):
+        for path in ("direct", "tokenpools"):
+            assert s[phase][path]["requests_per_s"] > 0, (phase, path)
+            assert s[phase][path]["non_2xx"] == 0, (phase, path, r["runs"][phase][path])
+    assert s["stream"]["tokenpools"]["inter_chunk_ms_p50"] is not None
+    assert s["added"]["ttft_ms_p50"] is not None
+    assert s["server_cpu_us"]["per_request_non_streaming"] > 0
+    assert r["rss_kib_by_entitlements"]["10"] > 10_000
+    assert r["queue"]["1000"]["still_queued"] == 1000
+    assert set(r["verdicts"]) >= {"added_ttft_p50", "added_inter_token_p99", "queued_100k"}
+
+
+def test_profile_summary(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("main (a.py:1);f (b.py:2) 3\nmain (a.py:1);g (c.py:3) 1\n")
+    out = summarise_profile(p)
+    assert out["samples"] == 4
+    assert out["self_pct"][0] == ["f (b.py:2)", 75.0]
