@@ -49,13 +49,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..engine.decisions import Events
-from .shares import MIN_SHARE, POOL, PRIOR, Demand, PoolObs, merge_priorities, observe, targets
+from .shares import MIN_SHARE, POOL, PRIOR, Observer, PoolObs, merge_priorities, targets
 
 log = structlog.get_logger("tokenpools.state")
 
-# Shares that move by less than this are not re-applied (set_shares rebuilds the entitlements it changes).
-# Skipping is always safe: the claim recorded is max(applied, granted, used).
-TOLERANCE = 0.002
+# Shares that move by less than this are not re-applied (set_shares rebuilds the entitlements it changes, and
+# every unnamed one when the pool share moves). Skipping is always safe: the claim is max(applied, granted, used).
+TOLERANCE = 0.01
+# Debt and burst smaller than this are not published (absent = 0 in the merge): keeps idle entitlements out.
+PRIO_EPS = 1e-4
 
 # KEYS: 1 claims hash, 2 info hash, 3 leader key, 4 priorities key
 # ARGV: 1 replica id, 2 lease ms, 3 {"t": {pool: {key: [target, applied, used]}}}, 4 info JSON (stored verbatim),
@@ -163,7 +165,7 @@ class RedisStore:
         self.engine: Any = None
         self.redis: aioredis.Redis | None = None
         self._script = None
-        self.demand = Demand()
+        self.observer = Observer(prio_eps=PRIO_EPS)
         # What the last successful sync said.
         self.mode = "starting"  # redis | fail_static
         self.live = self.replicas_hint
@@ -240,8 +242,15 @@ class RedisStore:
 
     async def sync(self, now: float) -> Events:
         t0 = time.perf_counter()
-        obs = observe(self.engine)
-        demand = self.demand.update(obs)
+        steps = self.observer.observe_steps(self.engine)  # pauses every 1,000 entitlements: requests go first
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                obs = done.value
+                break
+            await asyncio.sleep(0)
+        demand = self.observer.demand
         try:
             events = await self._sync(obs, demand, now)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -267,17 +276,31 @@ class RedisStore:
                 others[rid] = rec
         infos = {rid: orjson.loads(info_raw[rid]) for rid in others if rid in info_raw}
 
-        self.targets = targets(demand, [i.get("d", {}) for i in infos.values()], obs, self.prior)
+        theirs = [i.get("d", {}) for i in infos.values()]
+        asked: dict[str, set[str]] = {}
+        for d in theirs:
+            for pool, ents in d.items():
+                asked.setdefault(pool, set()).update(ents)
+        self.observer.include(self.engine, obs, asked)
+        # My demand as the others see it (published last sync), not the fresh one: all replicas then split from
+        # the same snapshot and their targets sum to 1 (fresh against stale would bias every replica downwards
+        # while demand decays, upwards while it grows). The fresh one is published below.
+        mine = demand
+        if me in info_raw:
+            mine = orjson.loads(info_raw[me]).get("d", demand)
+        self.targets, follow = targets(mine, theirs, obs, self.prior)
         request = {}
         for pool, po in obs.items():
             t = self.targets[pool]
             keys = {POOL: [t[POOL], _applied(po.applied), po.used]}
-            for name, eo in po.ents.items():
-                if eo.constrained:
-                    keys[name] = [t[name], _applied(eo.applied), eo.used]
+            for name, target in t.items():
+                if name != POOL:
+                    eo = po.ents[name]
+                    keys[name] = [target, _applied(eo.applied), eo.used]
             request[pool] = keys
         mine_q = {
-            pool: {n: [eo.debt, eo.burst] for n, eo in po.ents.items() if eo.debt or eo.burst} for pool, po in obs.items()
+            pool: {n: [eo.debt, eo.burst] for n, eo in po.ents.items() if abs(eo.debt) > PRIO_EPS or eo.burst > PRIO_EPS}
+            for pool, po in obs.items()
         }
         merged = ""
         if self.leader:
@@ -305,22 +328,26 @@ class RedisStore:
 
         events = Events()
         for pool, g in self.grants.items():
-            events.extend(self._apply(pool, obs[pool], lambda key, applied, g=g: g.get(key, applied), now))
+            po = obs[pool]
+            share = _pick(g.get(POOL, 0.0), po.applied)
+            named = {}
+            for name, grant in g.items():
+                if name == POOL or name not in po.ents:
+                    continue
+                if name in follow[pool] and grant >= share - 1e-12:
+                    named[name] = share  # back at the pool share: not named from the next sync on
+                else:
+                    named[name] = _pick(grant, po.ents[name].applied)
+            events.extend(self._apply(pool, po, share, named, now))
         if prio_raw:
             events.extend(self._apply_priorities(orjson.loads(prio_raw), now))
         return events
 
-    def _apply(self, pool: str, po: PoolObs, share_of, now: float, tolerance: float = TOLERANCE) -> Events:
-        """Give the engine its new shares: only those that moved by more than `tolerance` are changed."""
-        def pick(key: str, applied: float) -> float:
-            want = max(MIN_SHARE, min(1.0, share_of(key, applied)))
-            return want if abs(want - applied) > tolerance or (want < applied and want == MIN_SHARE) else applied
-
-        share = pick(POOL, po.applied)
-        ents = {n: pick(n, eo.applied) for n, eo in po.ents.items() if eo.constrained}
-        if share == po.applied and all(ents[n] == po.ents[n].applied for n in ents):
+    def _apply(self, pool: str, po: PoolObs, share: float, named: dict[str, float], now: float) -> Events:
+        """Give the engine its shares (entitlements not named follow the pool share); skip when nothing moved."""
+        if share == po.applied and all(v == po.ents[n].applied for n, v in named.items()):
             return Events()
-        return self.engine.set_shares(pool, share, ents, now)
+        return self.engine.set_shares(pool, share, named, now)
 
     def _apply_priorities(self, doc: dict, now: float) -> Events:
         if doc.get("k") == self._prio_key:
@@ -356,8 +383,12 @@ class RedisStore:
         settled = mono - self._failed_at >= self.lease  # every replica has noticed by now: raise to the share
         events = Events()
         for pool, po in obs.items():
-            share_of = (lambda key, applied: fs) if settled else (lambda key, applied: min(applied, fs))
-            events.extend(self._apply(pool, po, share_of, now, tolerance=0.0))  # exactly: nobody coordinates now
+            if settled:  # everybody at the fail share, exactly (nobody coordinates now)
+                share, named = fs, {}
+            else:  # only ever lower, at once
+                share = max(MIN_SHARE, min(po.applied, fs))
+                named = {n: max(MIN_SHARE, min(eo.applied, fs)) for n, eo in po.ents.items() if eo.applied != po.applied}
+            events.extend(self._apply(pool, po, share, named, now))
         return events
 
     def static_share(self) -> float:
@@ -389,6 +420,15 @@ class RedisStore:
             "last_error": self.last_error,
             "last_sync_ms": round(self.last_sync_ms, 3),
         }
+
+
+def _pick(grant: float, applied: float) -> float:
+    """The share to apply for a grant: moves smaller than TOLERANCE are skipped (always safe: the claim
+    recorded is max(applied, granted, used)), except that a grant of nothing is applied as such."""
+    want = max(MIN_SHARE, min(1.0, grant))
+    if abs(want - applied) > TOLERANCE or (want == MIN_SHARE and applied != MIN_SHARE):
+        return want
+    return applied
 
 
 def _applied(share: float) -> float:

@@ -34,83 +34,138 @@ class EntObs:
     applied: float  # the share its engine applies now
     used: float  # in-flight use as a fraction of its whole ceilings (concurrency, KV); 0 when it has none
     frac: float  # its whole baseline as a fraction of the whole pool (max over dimensions); 0 for spot
-    constrained: bool  # has a baseline or a finite ceiling: its share matters
     holds_idle: bool  # its baseline is held even while it is idle (dedicated/guaranteed, lendReserved preemptible)
-    arrivals: int  # admitted_total + rejected_total (for the demand sample)
-    waiting: int  # in flight + queued now
-    debt: float
-    burst: float
+    debt: float = 0.0
+    burst: float = 0.0
 
 
 @dataclass
 class PoolObs:
     applied: float  # the pool share its engine applies now
     used: float  # in-flight use as a fraction of the whole pool (max of concurrency and KV)
+    # Constrained entitlements worth a look (sparse): busy here, holding a share other than the pool's, carrying
+    # debt or burst, or (added by Observer.include) asked for on another replica.
     ents: dict[str, EntObs] = field(default_factory=dict)
+    idle_hold: float = 0.0  # Σ baseline fraction of all constrained entitlements that hold it while idle
 
 
-def observe(engine) -> dict[str, PoolObs]:
-    """Read (never change) what the sync needs from an engine: shares applied, use, demand counters, debt and
-    burst. One pass over each pool's entitlements; read-only use of the engine's public state attributes."""
-    out: dict[str, PoolObs] = {}
-    for name, p in engine.pools.items():
-        per = p.spec.per_replica
-        kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
-        full_conc = p.replicas * per.concurrency
-        full_kv = p.replicas * kv_per
-        full_tps = p.replicas * per.tokens_per_second
-        used = max(_frac(p.used_conc, full_conc), _frac(p.used_kv, full_kv))
-        po = PoolObs(p.share, used)
-        for e in p.ents:
-            if e.retired:
+class _Static:
+    """What does not change while the config and the pool's replica count stay the same."""
+
+    __slots__ = ("spec", "replicas", "frac", "ceil_conc", "ceil_kv", "constrained", "holds_idle")
+
+    def __init__(self, p, e, full_tps: float, full_kv: float, full_conc: float) -> None:
+        s = e.share if e.share > 0 else MIN_SHARE
+        self.spec = e.spec
+        self.replicas = p.replicas
+        self.frac = 0.0
+        if e.cls in BASELINE_CLASSES:
+            self.frac = max(_frac(e.b_tps / s, full_tps), _frac(e.b_kv / s, full_kv), _frac(e.b_conc / s, full_conc))
+        self.ceil_conc = e.c_conc / s if math.isfinite(e.c_conc) else None
+        self.ceil_kv = e.c_kv / s if math.isfinite(e.c_kv) else None
+        self.constrained = self.frac > 0 or self.ceil_conc is not None or self.ceil_kv is not None or e.ceiling is not None
+        self.holds_idle = e.reserved and p.strict
+
+
+class Observer:
+    """Reads (never changes) an engine once per sync: shares applied, use, debt and burst, and this replica's
+    recent demand per entitlement: an EWMA of (in flight + queued + arrivals since the last sync), whose unit
+    does not matter (only ratios between replicas are used).
+
+    One pass over each pool's entitlements reading a few counters (cheap at 10,000); an entry in PoolObs.ents
+    only for the few that matter this period. Read-only use of the engine's public state attributes."""
+
+    def __init__(self, gamma: float = DEMAND_GAMMA, prio_eps: float = 1e-4) -> None:
+        self.gamma = gamma
+        self.prio_eps = prio_eps
+        self.demand: dict[str, dict[str, float]] = {}  # pool -> entitlement -> EWMA (sparse: ≥ 1e-3)
+        self._arrivals: dict[str, dict[str, int]] = {}
+        self._static: dict[str, dict[str, _Static]] = {}
+
+    def observe(self, engine) -> dict[str, PoolObs]:
+        steps = self.observe_steps(engine, chunk=0)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def observe_steps(self, engine, chunk: int = 1000):
+        """observe() as a generator that pauses (yields None) after every `chunk` entitlements (0: never),
+        so that a caller on an event loop can let requests in between; returns the observation."""
+        g, eps = self.gamma, self.prio_eps
+        seen = 0
+        out: dict[str, PoolObs] = {}
+        for pname, p in engine.pools.items():
+            per = p.spec.per_replica
+            kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
+            full = (p.replicas * per.tokens_per_second, p.replicas * kv_per, p.replicas * per.concurrency)
+            po = PoolObs(p.share, max(_frac(p.used_conc, full[2]), _frac(p.used_kv, full[1])))
+            dem = self.demand.setdefault(pname, {})
+            arrivals = self._arrivals.setdefault(pname, {})
+            static = self._static.setdefault(pname, {})
+            pool_share = p.share
+            for e in list(p.ents):
+                seen += 1
+                if chunk and seen % chunk == 0:
+                    yield
+                if e.retired:
+                    continue
+                name = e.name
+                st = static.get(name)
+                if st is None or st.spec is not e.spec or st.replicas != p.replicas:
+                    st = static[name] = _Static(p, e, *full)
+                arr = e.admitted_total + e.rejected_total
+                waiting = e.in_flight + len(e.queue)
+                last = arrivals.get(name)
+                arrivals[name] = arr
+                old = dem.get(name)
+                if waiting or old is not None or (last is not None and arr != last):
+                    v = g * (old or 0.0) + (1 - g) * (waiting + (arr - last if last is not None else 0))
+                    if v < 1e-3:
+                        dem.pop(name, None)
+                    else:
+                        dem[name] = v
+                if not st.constrained:
+                    continue
+                if st.holds_idle:
+                    po.idle_hold += st.frac
+                if waiting or name in dem or e.share != pool_share or abs(e.debt) > eps or e.burst > eps:
+                    po.ents[name] = _ent(e, st)
+            for name in [n for n in dem if n not in engine.ents or engine.ents[n].pool is not p]:
+                del dem[name]  # removed from the config (or moved to another pool)
+            out[pname] = po
+        return out
+
+    def include(self, engine, obs: dict[str, PoolObs], names: dict[str, set[str]]) -> None:
+        """Add entries for entitlements asked for on other replicas (each replica must report a key that
+        anyone asks for, so that it can give most of that entitlement's share to where the traffic is)."""
+        for pname, wanted in names.items():
+            po = obs.get(pname)
+            static = self._static.get(pname, {})
+            if po is None:
                 continue
-            s = e.share if e.share > 0 else MIN_SHARE
-            frac = 0.0
-            if e.cls in BASELINE_CLASSES:
-                frac = max(_frac(e.b_tps / s, full_tps), _frac(e.b_kv / s, full_kv), _frac(e.b_conc / s, full_conc))
-            ceil_conc = e.c_conc / s if math.isfinite(e.c_conc) else None
-            ceil_kv = e.c_kv / s if math.isfinite(e.c_kv) else None
-            u = 0.0
-            if ceil_conc:
-                u = e.in_flight / ceil_conc
-            if ceil_kv:
-                u = max(u, e.kv / ceil_kv)
-            constrained = frac > 0 or ceil_conc is not None or ceil_kv is not None or e.ceiling is not None
-            po.ents[e.name] = EntObs(
-                e.share, u, frac, constrained, e.reserved and p.strict, e.admitted_total + e.rejected_total, e.in_flight + len(e.queue),
-                e.debt, e.burst,
-            )  # fmt: skip
-        out[name] = po
-    return out
+            for name in wanted:
+                if name in po.ents:
+                    continue
+                e = engine.ents.get(name)
+                st = static.get(name)
+                if e is None or st is None or e.retired or e.pool.name != pname or not st.constrained:
+                    continue
+                po.ents[name] = _ent(e, st)
+
+
+def _ent(e, st: _Static) -> EntObs:
+    u = 0.0
+    if st.ceil_conc:
+        u = e.in_flight / st.ceil_conc
+    if st.ceil_kv:
+        u = max(u, e.kv / st.ceil_kv)
+    return EntObs(e.share, u, st.frac, st.holds_idle, e.debt, e.burst)
 
 
 def _frac(x: float, whole: float) -> float:
     return x / whole if whole > 0 else 0.0
-
-
-class Demand:
-    """Recent demand per (pool, entitlement) on this replica: an EWMA of (in flight + queued + arrivals since
-    the last sync). Its unit does not matter: only ratios between replicas are used."""
-
-    def __init__(self, gamma: float = DEMAND_GAMMA) -> None:
-        self.gamma = gamma
-        self.value: dict[str, dict[str, float]] = {}
-        self._arrivals: dict[tuple[str, str], int] = {}
-
-    def update(self, obs: dict[str, PoolObs]) -> dict[str, dict[str, float]]:
-        g = self.gamma
-        for pool, po in obs.items():
-            cur = self.value.setdefault(pool, {})
-            for name, eo in po.ents.items():
-                last = self._arrivals.get((pool, name), eo.arrivals)
-                self._arrivals[(pool, name)] = eo.arrivals
-                sample = eo.waiting + max(0, eo.arrivals - last)
-                v = g * cur.get(name, 0.0) + (1 - g) * sample
-                if v < 1e-3:
-                    cur.pop(name, None)
-                else:
-                    cur[name] = v
-        return self.value
 
 
 def targets(
@@ -118,44 +173,64 @@ def targets(
     others: list[dict[str, dict[str, float]]],
     obs: dict[str, PoolObs],
     prior: float = PRIOR,
-) -> dict[str, dict[str, float]]:
-    """This replica's wished-for share of every pool and constrained entitlement.
+) -> tuple[dict[str, dict[str, float]], dict[str, set[str]]]:
+    """This replica's wished-for share of every pool and of the entitlements that need one of their own.
 
     mine / others: demand per pool and entitlement (this replica; each other live replica).
-    Per entitlement: t = β/N + (1 − β) · my demand / Σ demand (equal split 1/N when nobody has any), so a
-    tenant whose traffic lands on one replica gets (almost) its whole baseline there.
-    Per pool: my part of the baselines that are held (Σ_e t_e · baseline fraction_e over reserved classes and
-    entitlements with demand anywhere), plus the unreserved rest split the same
-    way by my total demand. Summed over replicas both are 1 (up to the lag between replicas' demand samples);
-    the Lua side makes sure the *granted* shares never sum above 1 whatever the targets say.
+    Returns (targets per pool: POOL and entitlement keys, entitlements per pool that should follow the pool).
+
+    Only entitlements with demand on some replica get a share of their own (sparse: an idle entitlement follows
+    the pool share, which is what the engine gives an entitlement set_shares does not name). An entitlement
+    that has no demand anywhere but still holds a share of its own is brought back to the pool share first
+    (target = the pool's, through the Lua room check), and only dropped once it is there.
+
+    Per entitlement with demand: t = β/N + (1 − β) · my demand / Σ demand, so a tenant whose traffic lands on
+    one replica gets (almost) its whole baseline there.
+    Per pool: t = (my part of the held baselines + the unreserved rest split by my total demand) / (1 − F_idle),
+    where held baselines are those of entitlements with demand, F_idle the baselines of idle dedicated /
+    guaranteed entitlements (held in proportion to the pool share itself, hence the division). Summed over
+    replicas seeing the same demands every key's targets sum to 1; the Lua side makes sure the *granted*
+    shares never sum above 1 whatever the targets say.
     """
     n = len(others) + 1
     out: dict[str, dict[str, float]] = {}
+    follow: dict[str, set[str]] = {}
     for pool, po in obs.items():
         md = mine.get(pool, {})
-        ods = [o.get(pool, {}) for o in others]
+        total = dict(md)
+        for o in others:
+            for k, v in o.get(pool, {}).items():
+                total[k] = total.get(k, 0.0) + v
         t: dict[str, float] = {}
-        base = 0.0
-        total_frac = 0.0
+        back: set[str] = set()
+        base = f_held = 0.0
+        f_idle = po.idle_hold
         for name, eo in po.ents.items():
-            if not eo.constrained:
-                continue
-            m = md.get(name, 0.0)
-            s = m + sum(od.get(name, 0.0) for od in ods)
-            te = min(1.0, prior / n + (1 - prior) * m / s) if s > 1e-9 else 1.0 / n
-            t[name] = te
-            if s > 1e-9 or eo.holds_idle:  # an idle elastic baseline holds nothing in the engine: no need to split it
+            s = total.get(name, 0.0)
+            if s > 1e-9:
+                te = min(1.0, prior / n + (1 - prior) * md.get(name, 0.0) / s)
+                t[name] = te
                 base += te * eo.frac
-                total_frac += eo.frac
-        if total_frac > 1.0:  # baselines oversubscribe the pool (elastic may): scale them into it
-            base /= total_frac
-            total_frac = 1.0
+                f_held += eo.frac
+                if eo.holds_idle:
+                    f_idle -= eo.frac  # held as its own share now, not in proportion to the pool's
+            elif eo.applied != po.applied:
+                back.add(name)
+        f_idle = max(0.0, f_idle)
+        if f_held + f_idle > 1.0:  # baselines oversubscribe the pool (elastic may): scale them into it
+            k = 1.0 / (f_held + f_idle)
+            base, f_held, f_idle = base * k, f_held * k, f_idle * k
         m_all = sum(md.values())
-        s_all = m_all + sum(sum(od.values()) for od in ods)
+        s_all = sum(total.values())
         w = min(1.0, prior / n + (1 - prior) * m_all / s_all) if s_all > 1e-9 else 1.0 / n
-        t[POOL] = min(1.0, base + (1.0 - total_frac) * w)
+        free = max(0.0, 1.0 - f_held - f_idle)
+        tp = (base + free * w) / (1.0 - f_idle) if 1.0 - f_idle > 1e-9 else w
+        t[POOL] = min(1.0, tp)
+        for name in back:
+            t[name] = t[POOL]
         out[pool] = t
-    return out
+        follow[pool] = back
+    return out, follow
 
 
 def merge_priorities(

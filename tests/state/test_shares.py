@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from extproc.engine import Engine
 from extproc.state import MemoryStore, open_store
 from extproc.state.redis_store import LEASE_LUA, RedisStore, parse_url
-from extproc.state.shares import POOL, PRIOR, EntObs, PoolObs, merge_priorities, observe, targets
+from extproc.state.shares import POOL, PRIOR, EntObs, Observer, PoolObs, merge_priorities, targets
 
 from .harness import mixed_config
 
@@ -23,37 +23,49 @@ def _obs(ents: dict[str, tuple[float, bool]]) -> dict[str, PoolObs]:
     """A pool observation with entitlements name -> (baseline fraction, held when idle)."""
     po = PoolObs(1.0, 0.0)
     for name, (frac, holds) in ents.items():
-        po.ents[name] = EntObs(1.0, 0.0, frac, True, holds, 0, 0, 0.0, 0.0)
+        po.ents[name] = EntObs(1.0, 0.0, frac, holds)
+        po.idle_hold += frac if holds else 0.0
     return {"p": po}
 
 
 demands = st.dictionaries(st.sampled_from(["g", "e", "s"]), st.one_of(st.just(0.0), st.floats(1e-3, 100)), max_size=3)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(demands, min_size=1, max_size=5))
-def test_targets_of_all_replicas_sum_to_one(per_replica):
-    """Seen from the same demands, the replicas' targets split every key exactly."""
-    obs = _obs({"g": (0.3, True), "e": (0.2, False), "s": (0.0, False)})
+@settings(max_examples=300, deadline=None)
+@given(st.lists(demands, min_size=1, max_size=5), st.booleans())
+def test_targets_of_all_replicas_sum_to_one(per_replica, g_holds):
+    """Seen from the same demands, the replicas' targets split every key exactly; an entitlement nobody asks
+    for follows the pool (no key of its own) on every replica alike."""
+    obs = _obs({"g": (0.3, g_holds), "e": (0.2, False), "s": (0.0, False)})
     ts = []
     for i, mine in enumerate(per_replica):
         others = [{"p": d} for j, d in enumerate(per_replica) if j != i]
-        ts.append(targets({"p": mine}, others, obs)["p"])
+        t, follow = targets({"p": mine}, others, obs)
+        assert follow == {"p": set()}  # shares applied all equal the pool's here: nothing to bring back
+        ts.append(t["p"])
     for key in ("g", "e", "s", POOL):
+        asked = any(d.get(key, 0) > 0 for d in per_replica)
+        if key != POOL and not asked:
+            assert all(key not in t for t in ts)
+            continue
         assert sum(t[key] for t in ts) == pytest.approx(1.0, abs=1e-9), (key, ts)
     assert all(0 <= t[key] <= 1 for t in ts for key in t)
 
 
 def test_targets_follow_demand_with_an_equal_prior():
     obs = _obs({"g": (0.5, True)})
-    mine = targets({"p": {"g": 10}}, [{"p": {}}, {"p": {}}], obs)["p"]
-    idle = targets({"p": {}}, [{"p": {"g": 10}}, {"p": {}}], obs)["p"]
+    mine = targets({"p": {"g": 10}}, [{"p": {}}, {"p": {}}], obs)[0]["p"]
+    idle = targets({"p": {}}, [{"p": {"g": 10}}, {"p": {}}], obs)[0]["p"]
     assert mine["g"] == pytest.approx(PRIOR / 3 + 1 - PRIOR)  # the tenant's traffic is here: ~all of its baseline
     assert idle["g"] == pytest.approx(PRIOR / 3)
     # Pool: the replica with the demand holds its part of g's baseline plus the unreserved half split by demand.
     assert mine[POOL] == pytest.approx(0.5 * mine["g"] + 0.5 * mine["g"])
-    nobody = targets({"p": {}}, [{"p": {}}], obs)["p"]
-    assert nobody == {"g": 0.5, POOL: 0.5}
+    # Nobody asks: g follows the pool share (held in proportion to it), the pool is split equally.
+    assert targets({"p": {}}, [{"p": {}}], obs)[0]["p"] == {POOL: 0.5}
+    # g still holds a share of its own but nobody asks any more: brought back to the pool share first.
+    obs["p"].ents["g"].applied = 0.9
+    t, follow = targets({"p": {}}, [{"p": {}}], obs)
+    assert follow == {"p": {"g"}} and t["p"]["g"] == t["p"][POOL]
 
 
 def test_merge_priorities_is_the_share_weighted_mean():
@@ -65,18 +77,28 @@ def test_merge_priorities_is_the_share_weighted_mean():
     assert merged["p"]["g"] == pytest.approx([0.3, 0.75])
 
 
-def test_observe_reads_shares_use_and_fractions():
+def test_observer_reads_shares_use_fractions_and_demand():
     cfg = mixed_config()
     eng = Engine(cfg, 0.0)
+    ob = Observer()
+    assert ob.observe(eng)["pool"].ents == {}  # nothing busy, every share the pool's: nothing to report
     eng.set_shares("pool", 0.5, {"g": 0.25}, 0.0)
     eng.admit("r1", "g", 100, 100, 0.0)
-    po = observe(eng)["pool"]
-    assert po.applied == 0.5
+    eng.admit("r2", "s", 100, 100, 0.0)
+    obs = ob.observe(eng)
+    po = obs["pool"]
+    assert po.applied == 0.5 and po.idle_hold == pytest.approx(10 / 32)  # g: guaranteed, held while idle
+    assert po.used == pytest.approx(max(2 / 32, 400 / 16384))
+    assert set(po.ents) == {"g"}  # spot without ceilings has no share of its own (it follows the pool)
     g = po.ents["g"]
-    assert (g.applied, g.frac, g.holds_idle, g.constrained) == (0.25, pytest.approx(10 / 32), True, True)
-    assert g.used == pytest.approx(1 / 10) and g.waiting == 1 and g.arrivals == 1
-    assert po.used == pytest.approx(max(1 / 32, 200 / 16384))
-    assert not observe(eng)["open"].ents["so"].constrained  # spot without ceilings follows the pool share
+    assert (g.applied, g.frac, g.holds_idle) == (0.25, pytest.approx(10 / 32), True)
+    assert g.used == pytest.approx(1 / 10)
+    assert ob.demand["pool"] == {"g": 1.0, "s": 1.0}  # EWMA (γ = 0.5) of 1 in flight + 1 arrival each
+    eng.finish("r1", 100, 100, 1.0)
+    eng.set_shares("pool", 0.5, {}, 1.0)
+    assert set(ob.observe(eng)["pool"].ents) == {"g"}  # idle, but its demand has not decayed yet
+    ob.include(eng, obs, {"pool": {"el", "s", "nope"}})  # asked for elsewhere: el gets an entry (s: no ceilings)
+    assert "el" in obs["pool"].ents and "s" not in obs["pool"].ents
 
 
 def test_open_store_and_url_options():
