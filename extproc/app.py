@@ -6,7 +6,7 @@ ticker run on the same loop, so no locks are needed. Time passed to the engine i
 
     ext_proc gRPC   HOST:9002   envoy.service.ext_proc.v3.ExternalProcessor/Process, grpc.health.v1.Health/Check
     status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /status/scaler,
-                                GET /healthz
+                                GET /status/state (shared state: mode, shares, leases), GET /healthz
     KEDA scaler     HOST:9003   externalscaler.ExternalScaler (gRPC), fed by the controller loop (extproc/scaler/)
 
 For tests: `TokenpoolsServer(config, ...)` with `await start()` / `await stop()` (ports 0 pick free ones and are
@@ -37,6 +37,7 @@ from .envoy.identity import KeyMap, TrustedSource
 from .envoy.service import DEFAULT_MAX_BODY, ExtProcServicer, Gateway
 from .scaler.capacity import ScalingPolicy
 from .scaler.controller import Controller, ControllerOptions
+from .state import MemoryStore, StateStore, open_store, run_store  # shared state (issue 8)
 
 TICK_MAX_S = 0.1  # the engine is ticked at its next_wakeup(), and at least this often
 
@@ -69,6 +70,7 @@ class TokenpoolsServer:
         scaler_port: int | None = None,
         controller: ControllerOptions | None = None,
         kube=None,
+        state: StateStore | None = None,
     ) -> None:
         self.config = config
         self.host = host
@@ -90,8 +92,14 @@ class TokenpoolsServer:
         self._scaler: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task | None = None
+        # Shared state (extproc/state): memory = this replica holds whole pools; redis = a share of each.
+        self.state = state if state is not None else MemoryStore()
+        self._state_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        # Shared state first: a replica that shares pools must hold its share before it serves anything.
+        self.gateway.dispatch(await self.state.start(self.engine, self.clock()))
+        self._state_task = asyncio.create_task(run_store(self.state, self.gateway.dispatch, self.clock))
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.gateway), server)
         server.add_generic_rpc_handlers((self.health.handler(),))
@@ -118,6 +126,7 @@ class TokenpoolsServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/status/adapter", self._adapter_status)
         app.router.add_get("/status/scaler", self._scaler_status)
+        app.router.add_get("/status/state", self._state_status)
         app.router.add_get("/healthz", self._healthz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -156,6 +165,10 @@ class TokenpoolsServer:
         if self._grpc is not None:
             # In-flight streams get `grace` seconds, then are cancelled: their handlers release reservations.
             await self._grpc.stop(grace)
+        # Shared state last, once in-flight requests are gone: then this replica's share goes back at once.
+        if self._state_task is not None:
+            self._state_task.cancel()
+        await self.state.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -189,6 +202,9 @@ class TokenpoolsServer:
         doc = self.controller.snapshot()
         doc["scalerPort"] = self.scaler_port
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    async def _state_status(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.state.status()), content_type="application/json")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n" if self.health.serving else "draining\n", status=200 if self.health.serving else 503)
@@ -239,10 +255,11 @@ def _run(coro) -> None:
 @click.option("--identity-header", default=None, help="Trusted header naming the entitlement (set by an authn filter in front).")
 @click.option("--identity-metadata", default=None, metavar="NAMESPACE[:KEY]", help="Trusted Envoy dynamic metadata naming the entitlement (KEY defaults to 'entitlement').")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--state", "state_url", default="memory", show_default=True, envvar="TOKENPOOLS_STATE", metavar="memory|redis://HOST:PORT/DB", help="Where pool state lives: memory (this replica holds whole pools) or Redis, shared with other replicas (options in the URL: docs/state.md). Env: TOKENPOOLS_STATE.")
 def serve_command(
     config_path, kube_namespace, host, ext_proc_port, status_port, scaler_port, backends, control_period,
     scale_down_delay, scale_down_band, burst_cap, usage_window, max_body_bytes, identity_header, identity_metadata,
-    log_level,
+    log_level, state_url,
 ) -> None:  # fmt: skip
     """Run the ext_proc server (gRPC), the KEDA external scaler (gRPC) and the status endpoint (HTTP)."""
     import logging
@@ -277,6 +294,10 @@ def serve_command(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     options = ControllerOptions(policy=policy, backends=urls, period_s=control_period)
+    try:
+        state = open_store(state_url)  # shared state (issue 8)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--state") from exc
     trusted = None
     if identity_header or identity_metadata:
         ns, _, key = (identity_metadata or "").partition(":")
@@ -288,7 +309,8 @@ def serve_command(
             f"KEDA scaler gRPC on {server.host}:{server.scaler_port}, "
             f"status on http://{server.host}:{server.status_port}/status ({path}: "
             f"{len(config.pools)} pools, {len(config.entitlements)} entitlements"
-            f"{', backends: ' + ', '.join(f'{p}={len(u)}' for p, u in urls.items()) if urls else ''})",
+            f"{', backends: ' + ', '.join(f'{p}={len(u)}' for p, u in urls.items()) if urls else ''}"
+            f"; state: {state.kind})",
             err=True,
         )
 
@@ -304,6 +326,7 @@ def serve_command(
             kube=kube,
             max_body_bytes=max_body_bytes,
             trusted=trusted,
+            state=state,
         )
     )
 
