@@ -75,10 +75,14 @@ def config_yaml(entitlements: int = 1) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def envoy_yaml(ports: EnvoyPorts, backend: int, ext_proc: bool) -> str:
+def envoy_yaml(ports: EnvoyPorts, backend: int, ext_proc: bool, response_body: bool = True) -> str:
     doc = yaml.safe_load(render(ports, [("127.0.0.1", backend)]))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm.pop("access_log", None)
+    if not response_body:  # the lower bound of a non-blocking (observability-mode) response meter: no body at all
+        for f in hcm["http_filters"]:
+            if f["name"] == "envoy.filters.http.ext_proc":
+                f["typed_config"]["processing_mode"].update(response_body_mode="NONE", response_trailer_mode="SKIP")
     if not ext_proc:
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
         doc["static_resources"]["clusters"] = [c for c in doc["static_resources"]["clusters"] if c["name"] != "tokenpools_ext_proc"]
@@ -168,14 +172,23 @@ def summarise_profile(path: Path, top: int = 20) -> dict:
     return {"samples": total, "self_pct": top_of(own), "inclusive_pct": top_of(incl)}
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, all CPUs (/proc/stat): is the box itself saturated?"""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 3) if values else None
 
 
-def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: int = 10, interval_ms: float = 100.0,
+def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: int = 10, interval_ms: float = 250.0,
         rps_concurrency: int = 32, warmup: float = 1.0, server_cpu: int | None = 0, rss_sizes=(10, 1_000, 10_000), queued: int = 100_000,
-        quick: bool = False, profile: bool = False, plain_asyncio: bool = False) -> dict:
+        quick: bool = False, profile: bool = False, plain_asyncio: bool = False, only: tuple[str, ...] = (),
+        no_body_variant: bool = True) -> dict:
     work = Path(tempfile.mkdtemp(prefix="tp-overhead-"))
     procs = Procs(work)
     ncpu = os.cpu_count() or 1
@@ -195,10 +208,13 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
         cfg.write_text(config_yaml(1))
         server, ext_port = start_server(procs, cfg, "server", server_cpu, plain_asyncio)
         envoys = {}
-        for name, ext in (("direct", False), ("tokenpools", True)):
+        configs = [("direct", False, True), ("tokenpools", True, True)]
+        if no_body_variant:
+            configs.append(("tokenpools_no_response_body", True, False))
+        for name, ext, body in configs:
             ports = EnvoyPorts(listen=free_port(), admin=free_port(), ext_proc=ext_port)
             boot = work / f"envoy-{name}.yaml"
-            boot.write_text(envoy_yaml(ports, backend, ext))
+            boot.write_text(envoy_yaml(ports, backend, ext, body))
             e = procs.start(f"envoy-{name}", [envoy_binary(), "-c", str(boot), "--disable-hot-restart",
                                                "--concurrency", "1", "-l", "warning", "--base-id", str(free_port())])
             wait_http(f"http://127.0.0.1:{ports.admin}/ready", 30, e)
@@ -214,20 +230,25 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
             time.sleep(0.3)
         base = {"key": KEY, "model": "bench-model", "prompt_bytes": 256}
         phases = {
-            "stream": {**base, "stream": True, "max_tokens": tokens, "concurrency": concurrency},
+            "stream": {**base, "stream": True, "max_tokens": tokens, "concurrency": concurrency,
+                       "stagger": tokens * interval_ms / 1000},
             "stream_short": {**base, "stream": True, "max_tokens": 1, "concurrency": concurrency},
             "rps": {**base, "stream": False, "max_tokens": 1, "concurrency": rps_concurrency},
         }
-        runs: dict = {ph: {"direct": [], "tokenpools": []} for ph in phases}
+        phases = {k: v for k, v in phases.items() if k in only} if only else phases
+        names = list(envoys)
+        runs: dict = {ph: {n: [] for n in names if n != "tokenpools_no_response_body" or ph != "rps"} for ph in phases}
         profiles: dict = {}
         idle: list[float] = []
         for r in range(rounds):
             for ph, spec in phases.items():
-                order = ("direct", "tokenpools") if r % 2 == 0 else ("tokenpools", "direct")
+                order = list(runs[ph])
+                order = order[r % len(order):] + order[:r % len(order)]  # rotate: nobody always goes first
                 for name in order:
                     port, envoy = envoys[name]
                     s0, e0, t0 = cpu_seconds(server.pid), cpu_seconds(envoy.pid), time.perf_counter()
                     spy = None
+                    m0 = machine_busy()
                     if profile and r == 0 and name == "tokenpools" and ph in ("stream", "rps"):
                         spy = start_profile(server.pid, work / f"profile-{ph}.txt", duration + 1)
                     res = load({**spec, "port": port, "duration": duration, "warmup": warmup})
@@ -235,13 +256,14 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
                         spy.wait(30)
                         profiles[ph] = summarise_profile(work / f"profile-{ph}.txt")
                     s1, e1, t1 = cpu_seconds(server.pid), cpu_seconds(envoy.pid), time.perf_counter()
+                    m1 = machine_busy()
+                    res["machine_cpu_busy_fraction"] = round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 3)
                     wall = t1 - t0
-                    total = res["requests"] / duration * wall  # requests in the whole phase (warm-up included)
-                    chunks = res["chunks"] / duration * wall
+                    total, chunks = res["all_requests"], res["all_chunks"]  # the whole phase, warm-up included
                     res["server_cpu_s"] = round(s1 - s0, 3)
                     res["server_cpu_fraction"] = round((s1 - s0) / wall, 3)
                     res["envoy_cpu_fraction"] = round((e1 - e0) / wall, 3)
-                    if name == "direct":  # the server is idle (ticks, gRPC health checks): its baseline
+                    if name == "direct" and res["server_cpu_s"] < 0.05 * wall:  # the server is idle (ticks, gRPC health checks): its baseline
                         idle.append((s1 - s0) / wall)
                     busy = (s1 - s0) - (median(idle) or 0.0) * wall
                     res["server_cpu_s_minus_idle"] = round(busy, 4)
@@ -272,6 +294,8 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
             q[str(n)] = orjson.loads(out.stdout)
         result["queue"] = q
         base_p99, loaded_p99 = q["0"]["decision_us"]["p99"], q[str(queued)]["decision_us"]["p99"]
+        if "admitted_per_s" not in result["summary"]:
+            return result
         result["summary"]["queued_p99_decision_us"] = {"0": base_p99, str(queued): loaded_p99,
                                                        "ratio": round(loaded_p99 / base_p99, 2)}
         result["summary"]["queued_rss_added_mib"] = round(q[str(queued)]["rss_added_kib"] / 1024, 1)
@@ -298,7 +322,7 @@ def summarise(runs: dict, tokens: int) -> dict:
         return median(vals)
 
     for ph in runs:
-        for name in ("direct", "tokenpools"):
+        for name in runs[ph]:
             s.setdefault(ph, {})[name] = {
                 "requests_per_s": med(ph, name, "requests_per_s"),
                 "ttft_ms_p50": med(ph, name, "ttft_ms", "p50"),
@@ -310,13 +334,16 @@ def summarise(runs: dict, tokens: int) -> dict:
                 "server_cpu_fraction": med(ph, name, "server_cpu_fraction"),
                 "envoy_cpu_fraction": med(ph, name, "envoy_cpu_fraction"),
                 "loadgen_cpu_fraction": med(ph, name, "loadgen_cpu_fraction"),
+                "machine_cpu_busy_fraction": med(ph, name, "machine_cpu_busy_fraction"),
                 "non_2xx": sum(sum(v for k, v in r["statuses"].items() if not k.startswith("2")) + r["errors"]
                                for r in runs[ph][name]),
             }
     # Added latency: per round (the two runs of a round are adjacent in time), then the median over rounds.
-    def added(ph, *path):
+    def added(ph, *path, name="tokenpools"):
+        if ph not in runs or name not in runs[ph]:
+            return None
         diffs = []
-        for a, b in zip(runs[ph]["direct"], runs[ph]["tokenpools"]):
+        for a, b in zip(runs[ph]["direct"], runs[ph][name]):
             va, vb = a, b
             for k in path:
                 va, vb = va[k], vb[k]
@@ -331,7 +358,15 @@ def summarise(runs: dict, tokens: int) -> dict:
         "rps_latency_ms_p50": added("rps", "latency_ms", "p50"),
         "rps_latency_ms_p99": added("rps", "latency_ms", "p99"),
     }
+    if "tokenpools_no_response_body" in runs.get("stream", {}):
+        s["added_no_response_body"] = {
+            "ttft_ms_p50": added("stream", "ttft_ms", "p50", name="tokenpools_no_response_body"),
+            "ttft_ms_p99": added("stream", "ttft_ms", "p99", name="tokenpools_no_response_body"),
+            "inter_token_ms_p99": added("stream", "inter_chunk_ms", "p99", name="tokenpools_no_response_body"),
+        }
     # CPU per request (non-streaming, rps phase) and per streamed chunk: two stream lengths, same concurrency.
+    if set(runs) != {"stream", "stream_short", "rps"}:  # a partial run (--phases): no derived numbers
+        return s
     per_req = median([r["server_cpu_us_per_request"] for r in runs["rps"]["tokenpools"]])
     longs, shorts = runs["stream"]["tokenpools"], runs["stream_short"]["tokenpools"]
     per_chunk = []
@@ -380,22 +415,24 @@ def verdicts(s: dict) -> dict:
 @click.option("--rounds", default=3, show_default=True, help="Alternating rounds (direct/tokenpools order swapped each round).")
 @click.option("--concurrency", default=200, show_default=True, help="Concurrent streams.")
 @click.option("--tokens", default=10, show_default=True, help="Tokens per stream.")
-@click.option("--interval-ms", default=100.0, show_default=True, help="Backend time between tokens.")
+@click.option("--interval-ms", default=250.0, show_default=True, help="Backend time between tokens.")
 @click.option("--rps-concurrency", default=32, show_default=True, help="Concurrent non-streaming requests in the throughput phase.")
 @click.option("--server-cpu", default=0, show_default=True, help="Core the ext_proc server is pinned to (-1: not pinned).")
 @click.option("--rss-sizes", default="10,1000,10000", show_default=True, help="Entitlement counts for RSS.")
 @click.option("--queued", default=100_000, show_default=True, help="Queued requests for the queue probe.")
 @click.option("--quick", is_flag=True, help="Smoke run: fewer queue-probe pairs.")
 @click.option("--asyncio", "plain_asyncio", is_flag=True, help="Run the ext_proc server on asyncio's own loop instead of uvloop.")
+@click.option("--no-body-variant/--no-no-body-variant", default=True, show_default=True, help="Also run the streams through a third Envoy whose ext_proc skips the response body (what a non-blocking, observability-mode meter could at best reach).")
+@click.option("--phases", default="stream,stream_short,rps", show_default=True, help="Phases to run (derived numbers need all three).")
 @click.option("--profile", is_flag=True, help="py-spy the server during round 0's tokenpools stream and rps phases (needs py-spy in the venv).")
 def overhead(as_json, out_dir, duration, rounds, concurrency, tokens, interval_ms, rps_concurrency, server_cpu,
-             rss_sizes, queued, quick, profile, plain_asyncio) -> None:
+             rss_sizes, queued, quick, profile, plain_asyncio, no_body_variant, phases) -> None:
     """Envoy alone vs Envoy + tokenpools ext_proc: added TTFT / inter-token latency, admitted req/s on one core,
     CPU per request and chunk, RSS by entitlements and with 100,000 queued."""
     result = run(duration=duration, rounds=rounds, concurrency=concurrency, tokens=tokens, interval_ms=interval_ms,
                  rps_concurrency=rps_concurrency, server_cpu=None if server_cpu < 0 else server_cpu,
                  rss_sizes=tuple(int(x) for x in rss_sizes.split(",") if x), queued=queued, quick=quick, profile=profile,
-                 plain_asyncio=plain_asyncio)
+                 plain_asyncio=plain_asyncio, no_body_variant=no_body_variant, only=tuple(phases.split(",")))
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

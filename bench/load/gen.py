@@ -4,7 +4,7 @@ the way), closed loop: `concurrency` connections each send the next request as s
 `python -m bench.load.gen '<json spec>'` prints one JSON document: counts, statuses, TTFT / inter-chunk /
 latency percentiles (ms), requests/s, and its own CPU time (so the caller can show its headroom).
 
-spec: {"port", "concurrency", "duration", "warmup", "stream", "max_tokens", "key", "model", "prompt_bytes"}
+spec: {"port", "concurrency", "duration", "warmup", "stagger", "stream", "max_tokens", "key", "model", "prompt_bytes"}
 TTFT = request written → first body chunk (the backend sends the first token at once). Inter-chunk = gaps
 between body chunks of one stream after the first (the backend spaces tokens by a fixed interval).
 """
@@ -60,12 +60,14 @@ class Stats:
         self.statuses: dict[str, int] = {}
         self.errors = 0
         self.done = 0
+        self.all_done = 0  # warm-up and ramp included: for CPU per request over the process's lifetime
+        self.all_chunks = 0
 
 
 async def worker(spec: dict, req: bytes, start_at: float, record_from: float, stop_at: float, st: Stats) -> None:
-    loop = asyncio.get_running_loop()
     clock = time.perf_counter
     reader = writer = None
+    await asyncio.sleep(max(0.0, start_at - clock()))
     while clock() < stop_at:
         try:
             if writer is None:
@@ -105,6 +107,8 @@ async def worker(spec: dict, req: bytes, start_at: float, record_from: float, st
             if close:
                 writer.close()
                 writer = None
+            st.all_done += 1
+            st.all_chunks += chunks
             if record_from <= t1 <= stop_at:  # completed in the window (rates are unbiased)
                 st.done += 1
                 st.statuses[status] = st.statuses.get(status, 0) + 1
@@ -127,10 +131,14 @@ async def run(spec: dict) -> dict:
     req = build_request(spec)
     st = Stats()
     now = time.perf_counter()
-    record_from = now + spec.get("warmup", 1.0)
+    # Closed-loop streams of equal length started together stay in lock-step (a burst of `concurrency`
+    # arrivals per stream length): starts are spread evenly over `stagger` seconds (the stream length) instead.
+    stagger = spec.get("stagger", 0.0)
+    record_from = now + stagger + spec.get("warmup", 1.0)
     stop_at = record_from + spec["duration"]
     c0, w0 = cpu_seconds(), time.perf_counter()
-    tasks = [asyncio.create_task(worker(spec, req, now, record_from, stop_at, st)) for _ in range(spec["concurrency"])]
+    n = spec["concurrency"]
+    tasks = [asyncio.create_task(worker(spec, req, now + stagger * i / n, record_from, stop_at, st)) for i in range(n)]
     await asyncio.gather(*tasks)
     c1, w1 = cpu_seconds(), time.perf_counter()
     return {
@@ -139,6 +147,8 @@ async def run(spec: dict) -> dict:
         "statuses": st.statuses,
         "errors": st.errors,
         "chunks": st.chunks,
+        "all_requests": st.all_done,
+        "all_chunks": st.all_chunks,
         "chunks_per_s": round(st.chunks / spec["duration"], 1),
         "ttft_ms": percentiles(st.ttft),
         "inter_chunk_ms": percentiles(st.gaps),

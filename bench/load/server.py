@@ -25,7 +25,16 @@ def main() -> None:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    import os
+
+    import orjson
+
+    import extproc.app
     from extproc.app import TokenpoolsServer
+
+    extra = orjson.loads(os.environ.get("TP_BENCH_GRPC_OPTIONS") or "[]")  # experiments: extra gRPC server options
+    if extra:
+        extproc.app._GRPC_OPTIONS = [*extproc.app._GRPC_OPTIONS, *(tuple(o) for o in extra)]
     from extproc.config import load_file
 
     config = load_file(args.config)

@@ -10,12 +10,14 @@ def test_overhead_machinery_runs_end_to_end():
     r = run(duration=0.5, warmup=0.2, rounds=1, concurrency=4, tokens=3, interval_ms=5, rps_concurrency=2,
             rss_sizes=(10,), queued=1000, quick=True)
     s = r["summary"]
+    assert set(s["stream"]) >= {"direct", "tokenpools", "tokenpools_no_response_body"}
     for phase in ("stream", "stream_short", "rps"):
-        for path in ("direct", "tokenpools"):
+        for path in s[phase]:
             assert s[phase][path]["requests_per_s"] > 0, (phase, path)
             assert s[phase][path]["non_2xx"] == 0, (phase, path, r["runs"][phase][path])
     assert s["stream"]["tokenpools"]["inter_chunk_ms_p50"] is not None
     assert s["added"]["ttft_ms_p50"] is not None
+    assert s["added_no_response_body"]["inter_token_ms_p99"] is not None
     assert s["server_cpu_us"]["per_request_non_streaming"] > 0
     assert r["rss_kib_by_entitlements"]["10"] > 10_000
     assert r["queue"]["1000"]["still_queued"] == 1000
