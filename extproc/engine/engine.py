@@ -315,15 +315,32 @@ class Engine:
 
     @staticmethod
     def _shortfall(e: EntitlementState, kv: float) -> tuple[float, float]:
-        """How much concurrency and KV a request of `e` lacks, counting what others' headroom holds as taken."""
+        """How much concurrency and KV a protected request of `e` lacks.
+
+        Dedicated and guaranteed work within baseline needs only physical room: Σ of their baselines fits the
+        pool, so one of them within its own baseline can never take what another is owed, and the capacity
+        they are owed but burst work still holds (an entitlement created, or capacity lost, while spot ran)
+        is won back from that burst work as it drains, not from each other. Elastic work must also leave
+        others' held headroom alone: an elastic tenant back from idle waits for what was lent out meanwhile.
+        """
         p = e.pool
-        if e.reserved:  # only dedicated/guaranteed headroom binds them: every admission keeps it free for them
-            held_conc, held_kv = p.rhead_conc, p.rhead_kv
-        else:
-            held_conc, held_kv = p.head_conc, p.head_kv
-        conc = p.used_conc + 1 + (held_conc - e.h_conc) - p.cap_conc
-        kv_ = p.used_kv + kv + (held_kv - e.h_kv) - p.cap_kv
-        return conc, kv_
+        conc = p.used_conc + 1 - p.cap_conc
+        kv_ = p.used_kv + kv - p.cap_kv
+        if not e.reserved:
+            return conc + p.head_conc - e.h_conc, kv_ + p.head_kv - e.h_kv
+        others_c, others_k = p.rhead_conc - e.h_conc, p.rhead_kv - e.h_kv
+        if conc + others_c <= _EPS and kv_ + others_k <= _EPS:
+            return conc + others_c, kv_ + others_k  # the common case: every reserved headroom is backed
+        # Burst work still holds capacity some are owed: free room backs reserved headroom in binding order,
+        # so an entitlement never loses its own freed slot to one bound after it (rare path: O(reserved)).
+        before_c = before_k = 0.0
+        for r in p.ents:
+            if r is e:
+                break
+            if r.reserved:
+                before_c += r.h_conc
+                before_k += r.h_kv
+        return conc + min(before_c, max(0.0, -conc + 1)), kv_ + min(before_k, max(0.0, -kv_ + kv))
 
     def _evict_for(self, e: EntitlementState, kv: float, now: float) -> list[str]:
         """Preemptible requests of lower weight to terminate so that protected work of `e` fits; [] if none do."""
@@ -424,7 +441,9 @@ class Engine:
                 continue
             if reason is Reason.OVER_THROUGHPUT or (reason is Reason.POOL_CONTENDED and not p.surplus.can_take(kv)):
                 p.wake = min(p.wake, now + self._refill_time(e, reason, kv))
-            if reason in _OWN:
+            if reason in _OWN or (protected and e.reserved):
+                # Blocked by its own ceiling, or owed capacity burst work still holds (it comes back as that
+                # drains, and burst cannot take more meanwhile): step aside rather than block the queue.
                 aside.append(heapq.heappop(heap))
                 continue
             p.blocked_key = (entry[0], entry[1])
