@@ -266,8 +266,12 @@ class Engine:
         free_conc = p.cap_conc - p.used_conc
         free_kv = p.cap_kv - p.used_kv
         if e.cls is not ServiceClass.PREEMPTIBLE:
-            free_conc -= p.head_conc - e.h_conc
-            free_kv -= p.head_kv - e.h_kv
+            # Preemptible work may sit inside that headroom (it is evicted when the owner comes back): count
+            # it there, not twice, so the held part is what headroom preemptible work does not already fill.
+            held_conc = p.head_conc - e.h_conc - p.pre_conc
+            held_kv = p.head_kv - e.h_kv - p.pre_kv
+            free_conc -= held_conc if held_conc > 0.0 else 0.0
+            free_kv -= held_kv if held_kv > 0.0 else 0.0
         if free_conc < 1 - _EPS or free_kv < kv - _EPS:
             return Reason.POOL_CONTENDED, False
         p.surplus.refill(now)
@@ -301,6 +305,9 @@ class Engine:
         e.kv += kv
         p.used_conc += 1
         p.used_kv += kv
+        if e.cls is ServiceClass.PREEMPTIBLE:
+            p.pre_conc += 1
+            p.pre_kv += kv
         end = now + p.expected_duration(cost)
         r = Reservation(rid, e, cost, kv, protected, input_tokens, max_tokens, now, end)
         p.inflight[rid] = r
@@ -468,6 +475,8 @@ class Engine:
             r.kv += grow
             e.kv += grow
             e.pool.used_kv += grow
+            if e.cls is ServiceClass.PREEMPTIBLE:
+                e.pool.pre_kv += grow
             self._set_head(e)
 
     def finish(self, request_id: str, input_tokens: int | None, output_tokens: int, now: float) -> Events:
@@ -514,6 +523,9 @@ class Engine:
         e.kv -= r.kv
         p.used_conc -= 1
         p.used_kv -= r.kv
+        if e.cls is ServiceClass.PREEMPTIBLE:
+            p.pre_conc -= 1
+            p.pre_kv -= r.kv
         del p.inflight[r.rid]
         del self.inflight[r.rid]
         self.released_total += 1
@@ -812,6 +824,7 @@ class Engine:
             assert p.used_conc == len(p.inflight)
             assert p.queued == sum(len(e.queue) for e in p.ents)
             assert abs(p.head_conc - sum(e.h_conc for e in p.ents)) < 1e-6
+            assert p.pre_conc == sum(e.in_flight for e in p.ents if e.cls is ServiceClass.PREEMPTIBLE)
             assert abs(p.rhead_conc - sum(e.h_conc for e in p.ents if e.reserved)) < 1e-6
             for e in p.ents:
                 assert e.in_flight >= 0 and e.kv >= 0

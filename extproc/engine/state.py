@@ -65,7 +65,7 @@ class PoolState:
     __slots__ = (
         "name", "spec", "replicas", "cap_tps", "cap_kv", "cap_conc", "seq_rate",
         "used_kv", "used_conc", "head_kv", "head_conc", "surplus", "ents", "inflight",
-        "queued", "queue_heap", "last_control", "threshold", "completions", "wake", "blocked_key", "strict", "rhead_kv", "rhead_conc", "share",
+        "queued", "queue_heap", "last_control", "threshold", "completions", "wake", "blocked_key", "strict", "rhead_kv", "rhead_conc", "share", "pre_kv", "pre_conc",
     )  # fmt: skip
 
     def __init__(self, name: str, spec: TokenPoolSpec, now: float) -> None:
@@ -80,6 +80,8 @@ class PoolState:
         self.head_conc = 0.0
         self.rhead_kv = 0.0  # the part of it held for dedicated/guaranteed entitlements
         self.rhead_conc = 0.0
+        self.pre_kv = 0  # KV and concurrency held by preemptible work (which may sit in others' headroom)
+        self.pre_conc = 0
         self.ents: list[EntitlementState] = []
         self.strict = spec.control.lend_reserved == "preemptible"  # reserved headroom held even when idle
         self.inflight: dict[str, Reservation] = {}

@@ -208,3 +208,20 @@ def test_shares_split_capacity_and_entitlements_between_gateway_replicas():
     with pytest.raises(ValueError):
         eng.set_shares("pool", 1.5, {}, 2.0)
     eng.check_invariants()
+
+
+def test_preemptible_inside_held_headroom_is_not_counted_twice_against_burst_work():
+    eng = engine(
+        ent_doc("g", "guaranteed", resources={"concurrency": 4}),
+        ent_doc("p", "preemptible"),
+        ent_doc("s", "spot"),
+        conc=8,
+    )
+    for i in range(4):  # preemptible work borrows 4 slots; count it inside g's idle headroom
+        assert eng.admit(f"p{i}", "p", 8, 8, 0.0).verdict is Verdict.ADMIT
+    for i in range(4):  # so the 4 unreserved slots are still there for spot
+        assert eng.admit(f"s{i}", "s", 8, 8, 0.0).verdict is Verdict.ADMIT
+    assert eng.admit("s4", "s", 8, 8, 0.0).reason is Reason.POOL_CONTENDED
+    d = eng.admit("g0", "g", 8, 8, 0.0)  # the owner comes back: preemptible gives way, not spot
+    assert d.verdict is Verdict.ADMIT and len(d.evict) == 1 and d.evict[0].startswith("p")
+    eng.check_invariants()

@@ -85,18 +85,10 @@ def _a_after_c_settled(policy_name: str, exp_name: str) -> tuple[float, float]:
 
 
 def test_guaranteed_p99_within_bound_once_the_new_tenant_has_its_capacity():
-    # (exp1-3x: a's users released together at ~33 s stay in lockstep with 64/64 requests, so this holds there only
-    # with the engine fix; see the xfail below.)
     steady, later = _a_after_c_settled("tokenpools", "exp1")
     assert later <= 1.25 * steady
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="engine: when guaranteed-c's entitlement is created over capacity spot-b holds, guaranteed-a's freed slots "
-    "are held for c's unbacked headroom, so a few of a's requests right after 30 s wait ~0.4 s "
-    "(docs/experiments.md, engine findings A)",
-)
 @pytest.mark.parametrize("fixture", ["exp1", "exp1_3x"])
 def test_guaranteed_p99_in_overload_within_1_25x_of_first_phase(fixture, request):
     res = request.getfixturevalue(fixture)
