@@ -172,6 +172,24 @@ def summarise_profile(path: Path, top: int = 20) -> dict:
     return {"samples": total, "self_pct": top_of(own), "inclusive_pct": top_of(incl)}
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread kind of a process: "main" (the asyncio loop), "python-thread" (other Python
+    threads: grpc.aio's completion-queue poller), and gRPC C-core threads by name (event_engine, ...)."""
+    out: dict[str, float] = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            continue
+        comm = raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode()
+        fields = raw.rsplit(b")", 1)[1].split()
+        kind = "main" if int(tid) == pid else ("python-thread" if comm.startswith("python") else comm)
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tck
+    return out
+
+
 def machine_busy() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine, all CPUs (/proc/stat): is the box itself saturated?"""
     with open("/proc/stat") as f:
@@ -248,7 +266,7 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
                     port, envoy = envoys[name]
                     s0, e0, t0 = cpu_seconds(server.pid), cpu_seconds(envoy.pid), time.perf_counter()
                     spy = None
-                    m0 = machine_busy()
+                    m0, th0 = machine_busy(), thread_cpu(server.pid)
                     if profile and r == 0 and name == "tokenpools" and ph in ("stream", "rps"):
                         spy = start_profile(server.pid, work / f"profile-{ph}.txt", duration + 1)
                     res = load({**spec, "port": port, "duration": duration, "warmup": warmup})
@@ -256,7 +274,9 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
                         spy.wait(30)
                         profiles[ph] = summarise_profile(work / f"profile-{ph}.txt")
                     s1, e1, t1 = cpu_seconds(server.pid), cpu_seconds(envoy.pid), time.perf_counter()
-                    m1 = machine_busy()
+                    m1, th1 = machine_busy(), thread_cpu(server.pid)
+                    res["server_threads_cpu_fraction"] = {k: round((v - th0.get(k, 0.0)) / (t1 - t0), 3) for k, v in th1.items()
+                                                          if v - th0.get(k, 0.0) > 0}
                     res["machine_cpu_busy_fraction"] = round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 3)
                     wall = t1 - t0
                     total, chunks = res["all_requests"], res["all_chunks"]  # the whole phase, warm-up included
@@ -390,6 +410,12 @@ def summarise(runs: dict, tokens: int) -> dict:
         "one_core_capacity_from_cpu": round(1e6 / per_req) if per_req else None,
         "direct_requests_per_s": s["rps"]["direct"]["requests_per_s"],
     }
+    threads: dict = {}
+    for ph in ("stream", "rps"):
+        rs = runs[ph]["tokenpools"]
+        kinds = {k for r in rs for k in r.get("server_threads_cpu_fraction", {})}
+        threads[ph] = {k: median([r.get("server_threads_cpu_fraction", {}).get(k, 0.0) for r in rs]) for k in sorted(kinds)}
+    s["server_threads_cpu_fraction"] = threads  # main = the asyncio loop; python-thread = grpc.aio's poller
     s["loadgen_cpu_fraction_max"] = max(
         r["loadgen_cpu_fraction"] for ph in runs for name in runs[ph] for r in runs[ph][name])
     return s

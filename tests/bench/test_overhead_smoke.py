@@ -19,6 +19,7 @@ def test_overhead_machinery_runs_end_to_end():
     assert s["added"]["ttft_ms_p50"] is not None
     assert s["added_no_response_body"]["inter_token_ms_p99"] is not None
     assert s["server_cpu_us"]["per_request_non_streaming"] > 0
+    assert "main" in s["server_threads_cpu_fraction"]["rps"]
     assert r["rss_kib_by_entitlements"]["10"] > 10_000
     assert r["queue"]["1000"]["still_queued"] == 1000
     assert set(r["verdicts"]) >= {"added_ttft_p50", "added_inter_token_p99", "queued_100k"}
