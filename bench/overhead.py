@@ -436,9 +436,9 @@ def verdicts(s: dict) -> dict:
 
 @click.command("overhead")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result (default when --out is absent).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write overhead.json (and copies of the logs) into DIR.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write overhead.json into DIR (logs, configs and profiles stay in the work_dir the JSON names).")
 @click.option("--duration", default=5.0, show_default=True, help="Measured seconds per phase (plus 1 s warm-up).")
-@click.option("--rounds", default=3, show_default=True, help="Alternating rounds (direct/tokenpools order swapped each round).")
+@click.option("--rounds", default=3, show_default=True, help="Rounds; within each, every phase runs through every path back to back, order rotated per round.")
 @click.option("--concurrency", default=200, show_default=True, help="Concurrent streams.")
 @click.option("--tokens", default=10, show_default=True, help="Tokens per stream.")
 @click.option("--interval-ms", default=250.0, show_default=True, help="Backend time between tokens.")
@@ -448,7 +448,7 @@ def verdicts(s: dict) -> dict:
 @click.option("--queued", default=100_000, show_default=True, help="Queued requests for the queue probe.")
 @click.option("--quick", is_flag=True, help="Smoke run: fewer queue-probe pairs.")
 @click.option("--asyncio", "plain_asyncio", is_flag=True, help="Run the ext_proc server on asyncio's own loop instead of uvloop.")
-@click.option("--no-body-variant/--no-no-body-variant", default=True, show_default=True, help="Also run the streams through a third Envoy whose ext_proc skips the response body (what a non-blocking, observability-mode meter could at best reach).")
+@click.option("--no-body-variant/--skip-no-body-variant", default=True, show_default=True, help="Also run the streams through a third Envoy whose ext_proc skips the response body (what a non-blocking, observability-mode meter could at best reach).")
 @click.option("--phases", default="stream,stream_short,rps", show_default=True, help="Phases to run (derived numbers need all three).")
 @click.option("--profile", is_flag=True, help="py-spy the server during round 0's tokenpools stream and rps phases (needs py-spy in the venv).")
 def overhead(as_json, out_dir, duration, rounds, concurrency, tokens, interval_ms, rps_concurrency, server_cpu,
