@@ -436,7 +436,7 @@ def verdicts(s: dict) -> dict:
 
 @click.command("overhead")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result (default when --out is absent).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write overhead.json into DIR (logs, configs and profiles stay in the work_dir the JSON names).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write overhead.json (and the py-spy profiles) into DIR; logs and configs stay in the work_dir the JSON names.")
 @click.option("--duration", default=5.0, show_default=True, help="Measured seconds per phase (plus 1 s warm-up).")
 @click.option("--rounds", default=3, show_default=True, help="Rounds; within each, every phase runs through every path back to back, order rotated per round.")
 @click.option("--concurrency", default=200, show_default=True, help="Concurrent streams.")
@@ -463,6 +463,8 @@ def overhead(as_json, out_dir, duration, rounds, concurrency, tokens, interval_m
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "overhead.json").write_text(text + "\n")
+        for prof in Path(result["work_dir"]).glob("profile-*.txt"):  # py-spy's collapsed stacks, when --profile
+            (Path(out_dir) / prof.name).write_bytes(prof.read_bytes())
     if as_json or not out_dir:
         click.echo(text)
 
