@@ -32,3 +32,13 @@ def engine(as_json: bool, out: str | None, pairs: int, sizes: str, all_cores: bo
 
     result = run(tuple(int(s) for s in sizes.split(",")), pairs=pairs, one_core=not all_cores)
     _emit(result, as_json, out)
+
+
+def _register() -> None:
+    """Benchmarks that live in their own modules (imported lazily by the CLI group itself)."""
+    from .overhead import overhead
+
+    bench.add_command(overhead)
+
+
+_register()
