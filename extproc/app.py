@@ -168,6 +168,7 @@ class TokenpoolsServer:
         # Shared state last, once in-flight requests are gone: then this replica's share goes back at once.
         if self._state_task is not None:
             self._state_task.cancel()
+            await asyncio.gather(self._state_task, return_exceptions=True)
         await self.state.close()
         if self._runner is not None:
             await self._runner.cleanup()

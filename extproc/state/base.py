@@ -66,6 +66,7 @@ async def run_store(store: StateStore, dispatch: Callable[[Events], None], clock
     if store.kind == "memory":
         return
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
     next_at = loop.time()
     while True:
         next_at += store.interval
@@ -73,8 +74,15 @@ async def run_store(store: StateStore, dispatch: Callable[[Events], None], clock
         if loop.time() - next_at > store.interval:  # fell far behind (a stalled loop): don't try to catch up
             next_at = loop.time()
         try:
-            dispatch(await store.sync(clock()))
+            events = await store.sync(clock())
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("state sync failed")
+            events = None
+        if task is not None and task.cancelling():
+            # Cancelled while a Redis call was timing out: the cancellation came back as a timeout (asyncio
+            # timeouts on 3.11 can do that) and the store failed static on it. Stop anyway.
+            raise asyncio.CancelledError
+        if events:
+            dispatch(events)

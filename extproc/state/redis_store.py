@@ -56,6 +56,8 @@ log = structlog.get_logger("tokenpools.state")
 # Shares that move by less than this are not re-applied (set_shares rebuilds the entitlements it changes, and
 # every unnamed one when the pool share moves). Skipping is always safe: the claim is max(applied, granted, used).
 TOLERANCE = 0.01
+# A share move at least this large is applied at once (else at most once every two control periods, see _apply).
+BIG_MOVE = 0.05
 # Debt and burst smaller than this are not published (absent = 0 in the merge): keeps idle entitlements out.
 PRIO_EPS = 1e-4
 
@@ -176,6 +178,7 @@ class RedisStore:
         self._offset_ms: float | None = None  # Redis TIME − local monotonic, ms
         self._failed_at: float | None = None
         self._prio_key: str | None = None
+        self._applied_at: dict[str, float] = {}
         self._prio_seq = 0
         self._warned_prio = False
         # Counters (exposed in status()).
@@ -343,10 +346,23 @@ class RedisStore:
             events.extend(self._apply_priorities(orjson.loads(prio_raw), now))
         return events
 
-    def _apply(self, pool: str, po: PoolObs, share: float, named: dict[str, float], now: float) -> Events:
-        """Give the engine its shares (entitlements not named follow the pool share); skip when nothing moved."""
-        if share == po.applied and all(v == po.ents[n].applied for n, v in named.items()):
+    def _apply(
+        self, pool: str, po: PoolObs, share: float, named: dict[str, float], now: float, urgent: bool = False
+    ) -> Events:
+        """Give the engine its shares (entitlements not named follow the pool share); skip when nothing moved.
+
+        Small moves (< BIG_MOVE on every key) are applied at most once every two control periods of the pool:
+        Engine.set_shares restarts the pool's control period, so calling it more often than the period would
+        keep debt and burst from ever being measured. Skipping is always safe (the claim covers the applied
+        share); big moves (a crash, a join, fail static) and urgent ones go through at once."""
+        moves = [abs(share - po.applied)] + [abs(v - po.ents[n].applied) for n, v in named.items()]
+        if max(moves) == 0.0:
             return Events()
+        mono = time.monotonic()
+        spacing = 2 * self.engine.pools[pool].spec.control.period_seconds
+        if not urgent and max(moves) < BIG_MOVE and mono - self._applied_at.get(pool, -1e9) < spacing:
+            return Events()
+        self._applied_at[pool] = mono
         return self.engine.set_shares(pool, share, named, now)
 
     def _apply_priorities(self, doc: dict, now: float) -> Events:
@@ -388,7 +404,7 @@ class RedisStore:
             else:  # only ever lower, at once
                 share = max(MIN_SHARE, min(po.applied, fs))
                 named = {n: max(MIN_SHARE, min(eo.applied, fs)) for n, eo in po.ents.items() if eo.applied != po.applied}
-            events.extend(self._apply(pool, po, share, named, now))
+            events.extend(self._apply(pool, po, share, named, now, urgent=True))
         return events
 
     def static_share(self) -> float:

@@ -52,6 +52,7 @@ def mixed_config() -> Config:
         pool_doc(),
         pool_doc("open"),
         ent_doc("so", "spot", pool="open"),
+        ent_doc("bu", "elastic", pool="open", resources={"concurrency": 2}, burst={"concurrency": 12}),
         ent_doc("g", "guaranteed", slo=500, resources={"concurrency": 10}),
         ent_doc("el", "elastic", resources={"concurrency": 6}, burst={"concurrency": 12}),
         ent_doc("s", "spot", slo=5000),
