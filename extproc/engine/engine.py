@@ -127,6 +127,23 @@ class Engine:
         self._dispatch(p, now, events)
         return events
 
+    def set_priorities(self, pool: str, values: dict[str, tuple[float, float]], now: float) -> Events:
+        """Adopt pool-wide debt and burst, {entitlement: (debt, burst)}, merged from several gateway replicas,
+        so every replica ranks tenants alike; weights, allocations and the queue order follow at once. This is
+        not a control period: the next period's measurement window is left as it is."""
+        now = self._clock(now)
+        p = self.pools[pool]
+        for name, (debt, burst) in values.items():
+            e = self.ents.get(name)
+            if e is not None and e.pool is p:
+                e.debt, e.burst = float(debt), max(0.0, float(burst))
+        events = Events()
+        last = p.last_control
+        self._control(p, now, measure=False, events=events)
+        p.last_control = last
+        self._dispatch(p, now, events)
+        return events
+
     def _carry_over(self, old: EntitlementState, new: EntitlementState) -> None:
         p = old.pool
         for attr in EntitlementState.CARRY:

@@ -225,3 +225,18 @@ def test_preemptible_inside_held_headroom_is_not_counted_twice_against_burst_wor
     d = eng.admit("g0", "g", 8, 8, 0.0)  # the owner comes back: preemptible gives way, not spot
     assert d.verdict is Verdict.ADMIT and len(d.evict) == 1 and d.evict[0].startswith("p")
     eng.check_invariants()
+
+
+def test_set_priorities_adopts_shared_debt_and_burst_without_moving_the_period():
+    eng = engine(
+        ent_doc("x", "elastic", slo=500, resources={"concurrency": 4}),
+        ent_doc("y", "elastic", slo=500, resources={"concurrency": 4}),
+    )
+    w = eng.ents["x"].weight
+    last = eng.pools["pool"].last_control
+    eng.set_priorities("pool", {"x": (0.5, 0.0), "y": (0.0, 1.0), "nobody": (1.0, 1.0)}, 0.5)
+    x, y = eng.ents["x"], eng.ents["y"]
+    assert (x.debt, y.burst) == (0.5, 1.0)
+    assert x.weight == pytest.approx(w * 3.0)  # 1 + alpha_debt * 0.5
+    assert y.weight == pytest.approx(w / 2.0)  # 1 / (1 + alpha_burst * 1)
+    assert eng.pools["pool"].last_control == last
