@@ -58,6 +58,8 @@ log = structlog.get_logger("tokenpools.state")
 TOLERANCE = 0.01
 # A share move at least this large is applied at once (else at most once every two control periods, see _apply).
 BIG_MOVE = 0.05
+# Merged debt or burst is adopted only where it differs from the engine's own by more than this.
+PRIO_APPLY_EPS = 0.01
 # Debt and burst smaller than this are not published (absent = 0 in the merge): keeps idle entitlements out.
 PRIO_EPS = 1e-4
 
@@ -277,7 +279,12 @@ class RedisStore:
             rec = orjson.loads(raw)
             if horizon is None or rec["exp"] > horizon:
                 others[rid] = rec
-        infos = {rid: orjson.loads(info_raw[rid]) for rid in others if rid in info_raw}
+            await asyncio.sleep(0)  # the sync's CPU in slices: requests go in between
+        infos = {}
+        for rid in others:
+            if rid in info_raw:
+                infos[rid] = orjson.loads(info_raw[rid])
+                await asyncio.sleep(0)
 
         theirs = [i.get("d", {}) for i in infos.values()]
         asked: dict[str, set[str]] = {}
@@ -292,6 +299,7 @@ class RedisStore:
         if me in info_raw:
             mine = orjson.loads(info_raw[me]).get("d", demand)
         self.targets, follow = targets(mine, theirs, obs, self.prior)
+        await asyncio.sleep(0)
         request = {}
         for pool, po in obs.items():
             t = self.targets[pool]
@@ -305,12 +313,14 @@ class RedisStore:
             pool: {n: [eo.debt, eo.burst] for n, eo in po.ents.items() if abs(eo.debt) > PRIO_EPS or eo.burst > PRIO_EPS}
             for pool, po in obs.items()
         }
+        await asyncio.sleep(0)
         merged = ""
         if self.leader:
             recs = [(rec.get("g", {}), infos.get(rid, {}).get("q", {})) for rid, rec in others.items()]
             recs.append((self.grants, mine_q))
             self._prio_seq += 1
             merged = orjson.dumps({"k": f"{me}:{self._prio_seq}", "v": merge_priorities(recs)}).decode()
+            await asyncio.sleep(0)
         info = orjson.dumps({"d": demand, "q": mine_q}).decode()
         raw = await self._script(
             keys=self.keys, args=[me, int(self.lease * 1000), orjson.dumps({"t": request}).decode(), info, merged]
@@ -376,10 +386,19 @@ class RedisStore:
                 log.warning("state: engine has no set_priorities(); debt and burst stay per replica")
             return Events()
         events = Events()
+        ents = self.engine.ents
         for pool, vals in doc.get("v", {}).items():
-            if pool in self.engine.pools and vals:
-                events.extend(setter(pool, {n: (v[0], v[1]) for n, v in vals.items()}, now))
-        self.priorities_applied += 1
+            if pool not in self.engine.pools:
+                continue
+            # Only what moved (each call re-runs the pool's control step: O(entitlements)).
+            moved = {}
+            for n, (debt, burst) in vals.items():
+                e = ents.get(n)
+                if e is not None and (abs(e.debt - debt) > PRIO_APPLY_EPS or abs(e.burst - burst) > PRIO_APPLY_EPS):
+                    moved[n] = (debt, burst)
+            if moved:
+                events.extend(setter(pool, moved, now))
+                self.priorities_applied += 1
         return events
 
     def _fail_static(self, obs: dict[str, PoolObs], now: float, exc: BaseException) -> Events:

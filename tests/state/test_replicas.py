@@ -186,29 +186,6 @@ def test_redis_down_fails_static_then_converges(redis_server):
     assert events.count("state: redis reachable again, re-joining") == 3, events
 
 
-def _with_set_priorities(engine) -> None:
-    """Engine.set_priorities(pool, {entitlement: (debt, burst)}, now) -> Events, as proposed to the engine:
-    a test-only stand-in while the engine lacks it (the real one is used as soon as it exists)."""
-    if hasattr(type(engine), "set_priorities"):
-        return
-    from extproc.engine import Events
-
-    def set_priorities(pool: str, values: dict, now: float) -> Events:
-        p = engine.pools[pool]
-        for name, (debt, burst) in values.items():
-            e = engine.ents.get(name)
-            if e is not None and e.pool is p:
-                e.debt, e.burst = debt, burst
-        events = Events()
-        last = p.last_control  # not a control period: the next measurement stays where it was
-        engine._control(p, now, measure=False, events=events)  # weights, allocations, queue keys, threshold
-        p.last_control = last
-        engine._dispatch(p, now, events)
-        return events
-
-    engine.set_priorities = set_priorities
-
-
 def test_burst_and_debt_are_shared_so_priorities_agree(redis_server):
     """An elastic tenant bursting on replica a only: b, which never sees its traffic, still ranks it by the
     pool-wide burst (the leader's share-weighted merge), so both replicas give it the same weight."""
@@ -217,7 +194,6 @@ def test_burst_and_debt_are_shared_so_priorities_agree(redis_server):
         cfg = mixed_config()
         reps = [Replica(n, cfg, redis_server.url) for n in ("a", "b")]
         for r in reps:
-            _with_set_priorities(r.engine)
             await r.start()
         a, b = reps
         stop_at = time.monotonic() + 3.0
