@@ -136,7 +136,17 @@ class _RedisProcess:
         self.dir = tempfile.mkdtemp(prefix="tp-bench-redis-")
         self.port = _free_port()
         cores = sorted(os.sched_getaffinity(0))
-        pin = (lambda: os.sched_setaffinity(0, {cores[-1]})) if len(cores) > 1 else None  # noqa: E731
+        def pin() -> None:
+            if len(cores) > 1:
+                os.sched_setaffinity(0, {cores[-1]})
+            try:  # Linux: SIGTERM when this process dies, so an interrupted benchmark leaves no redis behind
+                import ctypes
+                import signal
+
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+            except OSError:
+                pass
+
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,6 +23,16 @@ def redis_binary() -> str | None:
         if cand and os.access(cand, os.X_OK):
             return cand
     return None
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the test process dies (a killed test run leaves no redis behind)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -50,7 +61,9 @@ class RedisServer:
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(self.workdir), "--daemonize", "no",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
