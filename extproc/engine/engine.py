@@ -114,14 +114,11 @@ class Engine:
             raise ValueError("shares must be within [0, 1]")
         p = self.pools[pool]
         p.share = share
-        p.set_capacity(p.replicas, now)
-        for e in list(p.ents):
+        p.set_capacity(p.replicas, now, credit=False)  # a share moved between replicas is not new capacity
+        for e in p.ents:
             want = entitlement_shares.get(e.name, share)
-            if e.retired or want == e.share:
-                continue
-            new = EntitlementState(e.name, e.spec, p, e.order, now, want)
-            self._carry_over(e, new)
-            self.ents[e.name] = new
+            if not e.retired and want != e.share:
+                e.rescale(want, now)
         events = Events()
         self._control(p, now, measure=False, events=events)
         self._dispatch(p, now, events)
@@ -138,9 +135,7 @@ class Engine:
             if e is not None and e.pool is p:
                 e.debt, e.burst = float(debt), max(0.0, float(burst))
         events = Events()
-        last = p.last_control
         self._control(p, now, measure=False, events=events)
-        p.last_control = last
         self._dispatch(p, now, events)
         return events
 
@@ -213,10 +208,12 @@ class Engine:
             e.active = True
             self._set_head(e)
         kv = input_tokens + mt
-        if p.cap_conc == 0:
+        if p.replicas == 0:  # (a replica with share 0 of a live pool is merely contended, below)
             return self._no_capacity(e, request_id, input_tokens, mt, now)
-        if kv > p.cap_kv or kv > e.c_kv:
-            return self._reject(e, request_id, Reason.OVER_KV, None, mt)  # can never fit: no retry helps
+        if kv * p.share > p.cap_kv or kv * e.share > e.c_kv:
+            # Larger than the whole pool or the entitlement's ceiling (not just this replica's share of
+            # them): it can never fit, no retry helps. One that fits the whole but not the share is contended.
+            return self._reject(e, request_id, Reason.OVER_KV, None, mt)
 
         reason, protected = self._check(e, kv, kv, now)
         behind = False
@@ -605,9 +602,10 @@ class Engine:
     def _control(self, p: PoolState, now: float, measure: bool, events: Events | None = None) -> None:
         ctl = p.spec.control
         dt = now - p.last_control
-        if measure and dt > 0:
-            self._measure(p, now, dt)
-        p.last_control = now
+        if measure:  # only a real control period restarts the measurement window
+            if dt > 0:
+                self._measure(p, now, dt)
+            p.last_control = now
         for e in p.ents:
             if e.spec.expires_at is not None and now >= e.spec.expires_at and e.lifecycle is not Lifecycle.EXPIRED:
                 e.lifecycle = Lifecycle.EXPIRED
@@ -763,8 +761,10 @@ class Engine:
         """Seconds until the capacity this request needs is expected to be free: bucket refill time for
         throughput, expected completions (plus the waiters ahead) for slots and KV."""
         p = e.pool
-        if p.cap_conc == 0:  # nothing runs until a replica comes up
+        if p.replicas == 0:  # nothing runs until a replica comes up
             return p.spec.control.scale_up_seconds
+        if p.cap_conc == 0:  # this gateway replica holds no share now: shares are re-leased every period
+            return p.spec.control.period_seconds
         if reason is Reason.OVER_THROUGHPUT:
             bucket = e.ceiling if e.ceiling is not None and not e.ceiling.can_take(cost) else e.bucket
             t = bucket.time_until(cost) if bucket is not None else math.inf

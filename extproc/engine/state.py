@@ -100,7 +100,7 @@ class PoolState:
         self.blocked_key = None  # (-weight, -debt) of the best waiter blocked by the pool itself, if any
         self.wake = INF  # when a waiter blocked on a bucket can next be admitted (refill), for next_wakeup()
 
-    def set_capacity(self, replicas: int, now: float) -> None:
+    def set_capacity(self, replicas: int, now: float, credit: bool = True) -> None:
         per = self.spec.per_replica
         kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
         self.replicas = replicas
@@ -111,7 +111,7 @@ class PoolState:
         self.seq_rate = per.tokens_per_second / per.concurrency
         old_depth = self.surplus.depth
         self.surplus.set_rate(self.surplus.rate, self.cap_tps * self.spec.control.burst_seconds, now)
-        if self.surplus.depth > old_depth:  # a new replica arrives idle: its throughput is there at once
+        if credit and self.surplus.depth > old_depth:  # a new replica arrives idle: its throughput is there at once
             self.surplus.level = min(self.surplus.depth, self.surplus.level + self.surplus.depth - old_depth)
 
     def expected_duration(self, cost: float) -> float:
@@ -140,25 +140,14 @@ class EntitlementState:
         self.class_weight = CLASS_WEIGHT[self.cls]
         self.slo_ms = spec.qos.slo_target_ms
         self.max_tokens_default = spec.defaults.max_tokens or pool.spec.default_max_tokens
-        per = pool.spec.per_replica
-        kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
-        b = _fill_baseline(spec, per.tokens_per_second, kv_per, per.concurrency)
-        self.b_tps, self.b_kv, self.b_conc = b[0] * share, b[1] * share, b[2] * share
+        self.ceiling = None
+        self.rescale(share, now)
         # The control loop measures an entitlement in the units it is written in: dimensions filled in from the
         # pool's ratios are enforced but not measured (throughput sampled per period is lumpy, since requests
         # are charged at admission, and would read as bursting or credit where there is none).
         r = spec.resources
         self.measured = (r.tokens_per_second is not None, r.kv_cache_tokens is not None, r.concurrency is not None)
-        # Hard ceilings: guaranteed never above baseline; others up to their burst ceilings (or the pool).
-        burst = spec.burst
-        if self.cls is ServiceClass.GUARANTEED:
-            self.c_kv, self.c_conc, c_tps = self.b_kv, self.b_conc, None
-        else:
-            self.c_kv = burst.kv_cache_tokens * share if burst and burst.kv_cache_tokens is not None else INF
-            self.c_conc = burst.concurrency * share if burst and burst.concurrency is not None else INF
-            c_tps = burst.tokens_per_second * share if burst and burst.tokens_per_second is not None else None
         depth_s = pool.spec.control.burst_seconds
-        self.ceiling = TokenBucket(c_tps, c_tps * depth_s, now) if c_tps is not None else None
         # Effective allocation (set by the control tick); starts at the baseline.
         self.a_tps, self.a_kv, self.a_conc = self.b_tps, self.b_kv, self.b_conc
         self.bucket = TokenBucket(self.b_tps, self.b_tps * depth_s, now) if self.cls in BASELINE_CLASSES else None
@@ -191,6 +180,32 @@ class EntitlementState:
         "h_conc", "refused", "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total",
         "rejected_by_reason", "evicted_total",
     )  # fmt: skip
+
+    def rescale(self, share: float, now: float) -> None:
+        """Baseline and ceilings for handing out `share` of this entitlement (1 alone; less when gateway
+        replicas split it). In place: requests, queue, debt and bucket levels stay; allocations follow at the
+        next control step."""
+        self.share = share
+        spec, pool = self.spec, self.pool
+        per = pool.spec.per_replica
+        kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
+        b = _fill_baseline(spec, per.tokens_per_second, kv_per, per.concurrency)
+        self.b_tps, self.b_kv, self.b_conc = b[0] * share, b[1] * share, b[2] * share
+        # Hard ceilings: guaranteed never above baseline; others up to their burst ceilings (or the pool).
+        burst = spec.burst
+        if self.cls is ServiceClass.GUARANTEED:
+            self.c_kv, self.c_conc, c_tps = self.b_kv, self.b_conc, None
+        else:
+            self.c_kv = burst.kv_cache_tokens * share if burst and burst.kv_cache_tokens is not None else INF
+            self.c_conc = burst.concurrency * share if burst and burst.concurrency is not None else INF
+            c_tps = burst.tokens_per_second * share if burst and burst.tokens_per_second is not None else None
+        depth_s = pool.spec.control.burst_seconds
+        if c_tps is None:
+            self.ceiling = None
+        elif self.ceiling is None:
+            self.ceiling = TokenBucket(c_tps, c_tps * depth_s, now)
+        else:
+            self.ceiling.set_rate(c_tps, c_tps * depth_s, now)
 
     @property
     def lifecycle(self) -> Lifecycle:

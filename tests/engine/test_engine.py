@@ -240,3 +240,26 @@ def test_set_priorities_adopts_shared_debt_and_burst_without_moving_the_period()
     assert x.weight == pytest.approx(w * 3.0)  # 1 + alpha_debt * 0.5
     assert y.weight == pytest.approx(w / 2.0)  # 1 / (1 + alpha_burst * 1)
     assert eng.pools["pool"].last_control == last
+
+
+def test_shares_are_rescaled_in_place_without_minting_throughput_or_restarting_the_period():
+    eng = engine(ent_doc("e", "elastic", resources={"concurrency": 4}), ent_doc("s", "spot"), conc=16, kv=4000)
+    p = eng.pools["pool"]
+    eng.tick(1.0)
+    e = eng.ents["e"]
+    surplus = p.surplus.level
+    eng.set_shares("pool", 0.25, {}, 1.5)
+    eng.set_shares("pool", 1.0, {}, 1.5)  # down and up again at the same instant: nothing is created
+    assert p.surplus.level <= surplus + 1e-9
+    assert eng.ents["e"] is e and e.b_conc == 4.0  # rescaled in place
+    assert p.last_control == 1.0  # neither set_shares nor set_replicas restarts the control period
+    eng.set_replicas("pool", 1, 1.7)
+    assert p.last_control == 1.0
+    # A request that fits the whole pool but not this replica's share is contended, not "can never fit".
+    eng.set_shares("pool", 0.25, {}, 1.8)
+    d = eng.admit("big", "s", 1500, 500, 1.8)  # 2,000 KV tokens: half the pool, twice this share
+    assert d.reason is Reason.POOL_CONTENDED and d.retry_after is not None
+    assert eng.admit("huge", "s", 3000, 1500, 1.8).reason is Reason.OVER_KV  # larger than the whole pool
+    eng.set_shares("pool", 0.0, {}, 1.9)  # this replica holds no share: contended, retry within a period
+    d = eng.admit("x", "s", 1, 1, 1.9)
+    assert d.reason is Reason.POOL_CONTENDED
