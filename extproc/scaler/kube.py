@@ -128,7 +128,9 @@ def _dims(values) -> dict:
     return {"tokensPerSecond": round(float(tps), 3), "kvCacheTokens": round(float(kv), 3), "concurrency": round(float(conc), 3)}
 
 
-def pool_status(obj: dict, error: str | None, engine, controller, stamp: str) -> dict:
+def _status_base(obj: dict, error: str | None, stamp: str) -> tuple[dict[str, Any], str, Any, Any, dict | None]:
+    """What every CR status starts with: observedGeneration, and the Valid condition (phase Invalid on error).
+    Returns (status, name, generation, previous status, the Valid condition or None when invalid)."""
     meta = obj.get("metadata") or {}
     name, gen, prev = meta.get("name"), meta.get("generation"), obj.get("status")
     status: dict[str, Any] = {}
@@ -137,9 +139,15 @@ def pool_status(obj: dict, error: str | None, engine, controller, stamp: str) ->
     if error is not None:
         status["phase"] = "Invalid"
         status["conditions"] = [_condition("Valid", False, "InvalidSpec", error, gen, prev, stamp)]
+        return status, name, gen, prev, None
+    return status, name, gen, prev, _condition("Valid", True, "Accepted", "spec accepted", gen, prev, stamp)
+
+
+def pool_status(obj: dict, error: str | None, engine, controller, stamp: str) -> dict:
+    status, name, gen, prev, valid = _status_base(obj, error, stamp)
+    if valid is None:
         return status
     p = engine.pools.get(name) if engine is not None else None
-    valid = _condition("Valid", True, "Accepted", "spec accepted", gen, prev, stamp)
     if p is None:
         status["phase"] = "Invalid"
         status["conditions"] = [valid]
@@ -159,17 +167,10 @@ def pool_status(obj: dict, error: str | None, engine, controller, stamp: str) ->
 
 
 def entitlement_status(obj: dict, error: str | None, engine, stamp: str) -> dict:
-    meta = obj.get("metadata") or {}
-    name, gen, prev = meta.get("name"), meta.get("generation"), obj.get("status")
-    status: dict[str, Any] = {}
-    if gen is not None:
-        status["observedGeneration"] = gen
-    if error is not None:
-        status["phase"] = "Invalid"
-        status["conditions"] = [_condition("Valid", False, "InvalidSpec", error, gen, prev, stamp)]
+    status, name, gen, prev, valid = _status_base(obj, error, stamp)
+    if valid is None:
         return status
     e = engine.ents.get(name) if engine is not None else None
-    valid = _condition("Valid", True, "Accepted", "spec accepted", gen, prev, stamp)
     if e is None:
         status["phase"] = "Pending"
         status["conditions"] = [valid]
