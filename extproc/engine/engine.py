@@ -633,6 +633,7 @@ class Engine:
         for e in p.ents:
             self._mark(e, now)
             usage = (e.tokens / dt, e.area_kv / dt, e.area_conc / dt)
+            e.rate_tps = usage[0]
             e.tokens = e.area_kv = e.area_conc = 0.0
             if e.bucket is not None:
                 m = e.measured
@@ -797,7 +798,11 @@ class Engine:
                 "model": p.spec.model,
                 "replicas": p.replicas,
                 "capacity": {"tokens_per_second": p.cap_tps, "kv_cache_tokens": p.cap_kv, "concurrency": p.cap_conc},
-                "used": {"kv_cache_tokens": p.used_kv, "concurrency": p.used_conc},
+                "used": {
+                    "tokens_per_second": round(sum(e.rate_tps for e in p.ents), 3),
+                    "kv_cache_tokens": p.used_kv,
+                    "concurrency": p.used_conc,
+                },
                 "held_headroom": {"kv_cache_tokens": round(p.head_kv, 3), "concurrency": round(p.head_conc, 3)},
                 "surplus_tokens": round(p.surplus.level, 3),
                 "surplus_rate": round(p.surplus.rate, 3),
@@ -816,6 +821,8 @@ class Engine:
                 "in_flight": e.in_flight,
                 "reserved_kv_tokens": e.kv,
                 "queued": len(e.queue),
+                # In use now (KV, concurrency) and charged per second over the last control period (throughput).
+                "used": {"tokens_per_second": round(e.rate_tps, 3), "kv_cache_tokens": e.kv, "concurrency": e.in_flight},
                 "baseline": {"tokens_per_second": e.b_tps, "kv_cache_tokens": e.b_kv, "concurrency": e.b_conc},
                 "ceiling": {
                     "tokens_per_second": e.ceiling.rate if e.ceiling else (e.b_tps if e.cls is ServiceClass.GUARANTEED else None),

@@ -125,7 +125,7 @@ class EntitlementState:
         "bucket", "ceiling", "in_flight", "kv", "_lifecycle", "serving", "reserved", "weight", "debt", "burst",
         "active", "last_arrival", "h_kv", "h_conc", "queue", "refused",
         "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total", "rejected_by_reason",
-        "max_tokens_default", "evicted_total", "retired", "measured", "share",
+        "max_tokens_default", "evicted_total", "retired", "measured", "share", "rate_tps",
     )  # fmt: skip
 
     def __init__(
@@ -167,6 +167,7 @@ class EntitlementState:
         self.area_kv = 0.0  # ∫ kv dt since the last tick
         self.area_conc = 0.0
         self.tokens = 0.0  # throughput tokens charged since the last tick
+        self.rate_tps = 0.0  # throughput tokens charged per second over the last control period (for /status)
         self.t_mark = now
         self.admitted_total = 0
         self.rejected_total = 0
@@ -178,7 +179,7 @@ class EntitlementState:
     CARRY = (
         "in_flight", "kv", "queue", "lifecycle", "weight", "debt", "burst", "active", "last_arrival", "h_kv",
         "h_conc", "refused", "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total",
-        "rejected_by_reason", "evicted_total",
+        "rejected_by_reason", "evicted_total", "rate_tps",
     )  # fmt: skip
 
     def rescale(self, share: float, now: float) -> None:
