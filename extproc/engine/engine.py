@@ -105,36 +105,60 @@ class Engine:
             self._dispatch(p, now, events)
         return events
 
-    def set_shares(self, pool: str, share: float, entitlement_shares: dict[str, float], now: float) -> Events:
+    def set_shares(
+        self, pool: str, share: float, entitlement_shares: dict[str, float], now: float, defer: bool = False
+    ) -> Events:
         """Hand out only a fraction of the pool: `share` of its capacity, and per entitlement its own fraction
         of baseline and ceilings (default: `share`). Used when several gateway replicas share one pool; the
-        fractions of all replicas sum to at most 1, so together they never admit more than the pool has."""
+        fractions of all replicas sum to at most 1, so together they never admit more than the pool has.
+
+        defer: take effect at the pool's next control period instead of now (a control step is O(entitlements);
+        folding small share moves into the step that runs anyway keeps them off the admission path). Safe for
+        the shared pool because a replica's claim covers the share it still applies."""
         now = self._clock(now)
         if not 0.0 <= share <= 1.0 or any(not 0.0 <= v <= 1.0 for v in entitlement_shares.values()):
             raise ValueError("shares must be within [0, 1]")
         p = self.pools[pool]
+        if defer:
+            p.pending_shares = (share, dict(entitlement_shares))
+            return Events()
+        p.pending_shares = None
+        self._rescale(p, share, entitlement_shares, now)
+        events = Events()
+        self._control(p, now, measure=False, events=events)
+        self._dispatch(p, now, events)
+        return events
+
+    @staticmethod
+    def _rescale(p: PoolState, share: float, entitlement_shares: dict[str, float], now: float) -> None:
         p.share = share
         p.set_capacity(p.replicas, now, credit=False)  # a share moved between replicas is not new capacity
         for e in p.ents:
             want = entitlement_shares.get(e.name, share)
             if not e.retired and want != e.share:
                 e.rescale(want, now)
-        events = Events()
-        self._control(p, now, measure=False, events=events)
-        self._dispatch(p, now, events)
-        return events
 
-    def set_priorities(self, pool: str, values: dict[str, tuple[float, float]], now: float) -> Events:
+    def set_priorities(
+        self, pool: str, values: dict[str, tuple[float, float]], now: float, defer: bool = False
+    ) -> Events:
         """Adopt pool-wide debt and burst, {entitlement: (debt, burst)}, merged from several gateway replicas,
-        so every replica ranks tenants alike; weights, allocations and the queue order follow at once. This is
-        not a control period: the next period's measurement window is left as it is."""
+        so every replica ranks tenants alike; weights, allocations and the queue order follow at once. defer:
+        only the weights of these entitlements now (O(len(values))), allocations and queue order at the pool's
+        next control period. This is not a control period: the next period's measurement window is left as it is."""
         now = self._clock(now)
         p = self.pools[pool]
         for name, (debt, burst) in values.items():
             e = self.ents.get(name)
             if e is not None and e.pool is p:
                 e.debt, e.burst = float(debt), max(0.0, float(burst))
+                if defer and e.lifecycle is not Lifecycle.EXPIRED:
+                    ctl = p.spec.control
+                    e.weight = weight(
+                        e.class_weight, e.slo_ms, p.mean_slo, e.burst, e.debt, ctl.alpha_slo, ctl.alpha_burst, ctl.alpha_debt
+                    )  # fmt: skip
         events = Events()
+        if defer:
+            return events
         self._control(p, now, measure=False, events=events)
         self._dispatch(p, now, events)
         return events
@@ -606,6 +630,10 @@ class Engine:
             if dt > 0:
                 self._measure(p, now, dt)
             p.last_control = now
+        if p.pending_shares is not None:  # deferred by set_shares: measured with the old shares, applied now
+            share, named = p.pending_shares
+            p.pending_shares = None
+            self._rescale(p, share, named, now)
         for e in p.ents:
             if e.spec.expires_at is not None and now >= e.spec.expires_at and e.lifecycle is not Lifecycle.EXPIRED:
                 e.lifecycle = Lifecycle.EXPIRED
@@ -614,7 +642,7 @@ class Engine:
                     if events is not None:
                         events.rejected.append(self._reject(e, qr.rid, Reason.NOT_BOUND, None, qr.max_tokens))
         serving = [e for e in p.ents if e.lifecycle is not Lifecycle.EXPIRED]
-        mean_slo = sum(e.slo_ms for e in serving) / len(serving) if serving else 0.0
+        p.mean_slo = mean_slo = sum(e.slo_ms for e in serving) / len(serving) if serving else 0.0
         for e in serving:
             e.weight = weight(
                 e.class_weight, e.slo_ms, mean_slo, e.burst, e.debt, ctl.alpha_slo, ctl.alpha_burst, ctl.alpha_debt

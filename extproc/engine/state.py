@@ -66,6 +66,7 @@ class PoolState:
         "name", "spec", "replicas", "cap_tps", "cap_kv", "cap_conc", "seq_rate",
         "used_kv", "used_conc", "head_kv", "head_conc", "surplus", "ents", "inflight",
         "queued", "queue_heap", "last_control", "threshold", "completions", "wake", "blocked_key", "strict", "rhead_kv", "rhead_conc", "share", "pre_kv", "pre_conc",
+        "pending_shares", "mean_slo",
     )  # fmt: skip
 
     def __init__(self, name: str, spec: TokenPoolSpec, now: float) -> None:
@@ -96,6 +97,8 @@ class PoolState:
         # The fraction of the pool this engine may hand out: 1 alone; less when several gateway replicas share
         # the pool (extproc/state/ leases each replica its share).
         self.share = 1.0
+        self.mean_slo = 0.0  # mean SLO target of serving entitlements (set by each control step; for weights)
+        self.pending_shares = None  # (share, {entitlement: share}) set_shares(defer=True) left for the next period
         self.set_capacity(self.replicas, now)
         self.blocked_key = None  # (-weight, -debt) of the best waiter blocked by the pool itself, if any
         self.wake = INF  # when a waiter blocked on a bucket can next be admitted (refill), for next_wakeup()

@@ -182,7 +182,6 @@ class RedisStore:
         self._prio_key: str | None = None
         self._applied_at: dict[str, float] = {}
         self._prio_seq = 0
-        self._warned_prio = False
         # Counters (exposed in status()).
         self.syncs = 0
         self.sync_errors = 0
@@ -361,43 +360,38 @@ class RedisStore:
     ) -> Events:
         """Give the engine its shares (entitlements not named follow the pool share); skip when nothing moved.
 
-        Small moves (< BIG_MOVE on every key) are applied at most once every two control periods of the pool:
-        Engine.set_shares restarts the pool's control period, so calling it more often than the period would
-        keep debt and burst from ever being measured. Skipping is always safe (the claim covers the applied
-        share); big moves (a crash, a join, fail static) and urgent ones go through at once."""
+        Small moves (< BIG_MOVE on every key) are applied at most once every two control periods of the pool,
+        and at the pool's next control period rather than now (a control step costs O(entitlements) on the
+        admission loop; the period's own step runs anyway). Deferring and skipping are always safe: the claim
+        covers the applied share. Big moves (a crash, a join, fail static) and urgent ones go through at once."""
         moves = [abs(share - po.applied)] + [abs(v - po.ents[n].applied) for n, v in named.items()]
         if max(moves) == 0.0:
             return Events()
         mono = time.monotonic()
         spacing = 2 * self.engine.pools[pool].spec.control.period_seconds
-        if not urgent and max(moves) < BIG_MOVE and mono - self._applied_at.get(pool, -1e9) < spacing:
+        small = not urgent and max(moves) < BIG_MOVE
+        if small and mono - self._applied_at.get(pool, -1e9) < spacing:
             return Events()
         self._applied_at[pool] = mono
-        return self.engine.set_shares(pool, share, named, now)
+        return self.engine.set_shares(pool, share, named, now, defer=small)
 
     def _apply_priorities(self, doc: dict, now: float) -> Events:
         if doc.get("k") == self._prio_key:
             return Events()
         self._prio_key = doc.get("k")
-        setter = getattr(self.engine, "set_priorities", None)
-        if setter is None:
-            if not self._warned_prio:
-                self._warned_prio = True
-                log.warning("state: engine has no set_priorities(); debt and burst stay per replica")
-            return Events()
         events = Events()
         ents = self.engine.ents
         for pool, vals in doc.get("v", {}).items():
             if pool not in self.engine.pools:
                 continue
-            # Only what moved (each call re-runs the pool's control step: O(entitlements)).
+            # Only what moved; weights follow at the pool's next control period (not a control step per sync).
             moved = {}
             for n, (debt, burst) in vals.items():
                 e = ents.get(n)
                 if e is not None and (abs(e.debt - debt) > PRIO_APPLY_EPS or abs(e.burst - burst) > PRIO_APPLY_EPS):
                     moved[n] = (debt, burst)
             if moved:
-                events.extend(setter(pool, moved, now))
+                events.extend(self.engine.set_priorities(pool, moved, now, defer=True))
                 self.priorities_applied += 1
         return events
 

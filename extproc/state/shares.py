@@ -100,11 +100,14 @@ class Observer:
             per = p.spec.per_replica
             kv_per = per.kv_cache_tokens if per.kv_cache_tokens is not None else per.model_geometry.kv_cache_tokens
             full = (p.replicas * per.tokens_per_second, p.replicas * kv_per, p.replicas * per.concurrency)
-            po = PoolObs(p.share, max(_frac(p.used_conc, full[2]), _frac(p.used_kv, full[1])))
+            # A share the engine has been given but applies only at its next control period (set_shares(defer=True))
+            # is claimed already: the claim must cover whatever this engine may hand out before the next sync.
+            pending = p.pending_shares
+            pool_share = p.share if pending is None else max(p.share, pending[0])
+            po = PoolObs(pool_share, max(_frac(p.used_conc, full[2]), _frac(p.used_kv, full[1])))
             dem = self.demand.setdefault(pname, {})
             arrivals = self._arrivals.setdefault(pname, {})
             static = self._static.setdefault(pname, {})
-            pool_share = p.share
             for e in list(p.ents):
                 seen += 1
                 if chunk and seen % chunk == 0:
@@ -130,8 +133,9 @@ class Observer:
                     continue
                 if st.holds_idle:
                     po.idle_hold += st.frac
-                if waiting or name in dem or e.share != pool_share or abs(e.debt) > eps or e.burst > eps:
-                    po.ents[name] = _ent(e, st)
+                applied = e.share if pending is None else max(e.share, pending[1].get(name, pending[0]))
+                if waiting or name in dem or applied != pool_share or abs(e.debt) > eps or e.burst > eps:
+                    po.ents[name] = _ent(e, st, applied)
             for name in [n for n in dem if n not in engine.ents or engine.ents[n].pool is not p]:
                 del dem[name]  # removed from the config (or moved to another pool)
             out[pname] = po
@@ -152,16 +156,18 @@ class Observer:
                 st = static.get(name)
                 if e is None or st is None or e.retired or e.pool.name != pname or not st.constrained:
                     continue
-                po.ents[name] = _ent(e, st)
+                pending = e.pool.pending_shares
+                applied = e.share if pending is None else max(e.share, pending[1].get(name, pending[0]))
+                po.ents[name] = _ent(e, st, applied)
 
 
-def _ent(e, st: _Static) -> EntObs:
+def _ent(e, st: _Static, applied: float) -> EntObs:
     u = 0.0
     if st.ceil_conc:
         u = e.in_flight / st.ceil_conc
     if st.ceil_kv:
         u = max(u, e.kv / st.ceil_kv)
-    return EntObs(e.share, u, st.frac, st.holds_idle, e.debt, e.burst)
+    return EntObs(applied, u, st.frac, st.holds_idle, e.debt, e.burst)
 
 
 def _frac(x: float, whole: float) -> float:

@@ -101,6 +101,38 @@ def test_observer_reads_shares_use_fractions_and_demand():
     assert "el" in obs["pool"].ents and "s" not in obs["pool"].ents
 
 
+def test_deferred_shares_are_claimed_before_they_are_applied():
+    """set_shares(defer=True) keeps the control step off the admission path: the capacity moves at the pool's
+    next control period, and until then the observer claims the larger of the applied and the pending share
+    (a claim lower than what the engine will apply would let other replicas take the same room)."""
+    cfg = mixed_config()
+    eng = Engine(cfg, 0.0)
+    p = eng.pools["pool"]
+    cap = p.cap_conc
+    eng.set_shares("pool", 0.5, {"g": 0.25}, 0.0)
+    eng.set_shares("pool", 0.8, {"g": 0.6}, 0.2, defer=True)
+    assert p.share == 0.5 and p.cap_conc == cap * 0.5 and eng.ents["g"].share == 0.25  # not yet
+    po = Observer().observe(eng)["pool"]
+    assert po.applied == 0.8 and po.ents["g"].applied == 0.6  # but claimed already
+    eng.set_shares("pool", 0.3, {}, 0.4, defer=True)  # a smaller one replaces it: the claim stays the applied
+    po = Observer().observe(eng)["pool"]
+    assert po.applied == 0.5 and po.ents["g"].applied == 0.3
+    eng.tick(1.0)  # the period's control step applies it
+    assert p.share == 0.3 and p.cap_conc == cap * 0.3 and eng.ents["g"].share == 0.3 and p.pending_shares is None
+    eng.check_invariants()
+
+
+def test_deferred_priorities_move_weights_at_once_and_allocations_at_the_period():
+    cfg = mixed_config()
+    eng = Engine(cfg, 0.0)
+    el = eng.ents["el"]
+    w0 = el.weight
+    eng.set_priorities("pool", {"el": (0.5, 0.0)}, 0.1, defer=True)
+    assert el.debt == 0.5 and el.weight > w0  # ranks by the pool-wide debt now
+    eng.set_priorities("pool", {"el": (0.0, 0.0)}, 0.2)  # immediate: the control step recomputes all weights
+    assert el.weight == pytest.approx(w0)
+
+
 def test_open_store_and_url_options():
     assert isinstance(open_store(None), MemoryStore) and isinstance(open_store("memory"), MemoryStore)
     with pytest.raises(ValueError):
