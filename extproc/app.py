@@ -22,6 +22,7 @@ import dataclasses
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 import grpc
@@ -31,6 +32,7 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from .config import Config, ConfigError, load_file
+from .reload import ConfigState, ConfigWatcher, digest_of
 from .engine import Engine
 from .envoy.health import Health
 from .envoy.identity import KeyMap, TrustedSource
@@ -71,6 +73,8 @@ class TokenpoolsServer:
         controller: ControllerOptions | None = None,
         kube=None,
         state: StateStore | None = None,
+        config_path: str | None = None,
+        watch_config: bool = True,
     ) -> None:
         self.config = config
         self.host = host
@@ -87,7 +91,16 @@ class TokenpoolsServer:
             self.controller = Controller(self.engine, self.gateway.dispatch, clock, controller)
         self.kube = kube  # extproc.scaler.kube.KubeSync when the config comes from custom resources
         if kube is not None:
-            kube.reload, kube.engine, kube.controller = self.reload, self.engine, self.controller
+            kube.reload, kube.engine, kube.controller = self._reload_recorded, self.engine, self.controller
+        # Where the config came from, which version runs, and why the last change was refused (/status "config").
+        self.config_state = ConfigState(source=config_path or (f"kubernetes:{kube.resources.namespace}" if kube else "api"))
+        self.config_state.loaded_at = clock()
+        self._watcher: ConfigWatcher | None = None
+        if config_path is not None:
+            self.config_state.digest = digest_of(Path(config_path).read_bytes())
+            if watch_config:
+                self._watcher = ConfigWatcher(config_path, self.reload, self.config_state)
+        self._watch_task: asyncio.Task | None = None
         self._grpc: grpc.aio.Server | None = None
         self._scaler: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -139,6 +152,22 @@ class TokenpoolsServer:
             await self.controller.start()
         if self.kube is not None:
             await self.kube.start()
+        if self._watcher is not None:
+            self._watch_task = asyncio.create_task(self._watcher.run())
+
+    def reload_file(self) -> bool | None:
+        """Re-read the config file now (SIGHUP): True applied, False refused (old config kept), None unchanged."""
+        if self._watcher is None:
+            return None
+        return self._watcher.check()
+
+    def _reload_recorded(self, config: Config) -> None:
+        try:
+            self.reload(config)
+        except ValueError as exc:
+            self.config_state.failed(str(exc))
+            raise
+        self.config_state.succeeded()
 
     def reload(self, config: Config) -> None:
         """Swap in a new configuration (custom resources changed): the engine keeps requests, debt and counters
@@ -156,6 +185,10 @@ class TokenpoolsServer:
         self.health.serving = False
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._watch_task is not None:
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         if self.kube is not None:
             await self.kube.stop()
         if self.controller is not None:
@@ -185,13 +218,15 @@ class TokenpoolsServer:
             await asyncio.sleep(max(0.001, delay))
 
     async def _status(self, request: web.Request) -> web.Response:
-        body = orjson.dumps(self.engine.snapshot(self.clock()))
-        return web.Response(body=body, content_type="application/json")
+        doc = self.engine.snapshot(self.clock())
+        doc["config"] = self.config_state.status()
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
     async def _adapter_status(self, request: web.Request) -> web.Response:
         gw = self.gateway
         doc = {f.name: getattr(gw.stats, f.name) for f in dataclasses.fields(gw.stats)}
         doc["refusals"] = dict(gw.stats.refusals)
+        doc["shadow"] = dict(gw.stats.shadow)
         doc["live_requests"] = len(gw.live)
         doc["in_flight"] = dict(gw.in_flight)
         doc["bytes_per_token"] = {m: round(gw.estimator.ratio(m), 3) for m in {p.spec.model for p in self.config.pools.values()}}
@@ -219,9 +254,9 @@ async def serve(config: Config, ready: Callable[[TokenpoolsServer], None] | None
         ready(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set), (signal.SIGHUP, server.reload_file)):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     try:
@@ -255,12 +290,13 @@ def _run(coro) -> None:
 @click.option("--max-body-bytes", default=DEFAULT_MAX_BODY, show_default=True, type=int, help="Larger request bodies get 413.")
 @click.option("--identity-header", default=None, help="Trusted header naming the entitlement (set by an authn filter in front).")
 @click.option("--identity-metadata", default=None, metavar="NAMESPACE[:KEY]", help="Trusted Envoy dynamic metadata naming the entitlement (KEY defaults to 'entitlement').")
+@click.option("--watch/--no-watch", "watch_config", default=True, show_default=True, help="Apply changes to --config as they are saved (and on SIGHUP); an invalid change is refused and the running config kept.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--state", "state_url", default="memory", show_default=True, envvar="TOKENPOOLS_STATE", metavar="memory|redis://HOST:PORT/DB", help="Where pool state lives: memory (this replica holds whole pools) or Redis, shared with other replicas (options in the URL: docs/state.md). Env: TOKENPOOLS_STATE.")
 def serve_command(
     config_path, kube_namespace, host, ext_proc_port, status_port, scaler_port, backends, control_period,
     scale_down_delay, scale_down_band, burst_cap, usage_window, max_body_bytes, identity_header, identity_metadata,
-    log_level, state_url,
+    log_level, state_url, watch_config,
 ) -> None:  # fmt: skip
     """Run the ext_proc server (gRPC), the KEDA external scaler (gRPC) and the status endpoint (HTTP)."""
     import logging
@@ -328,6 +364,8 @@ def serve_command(
             max_body_bytes=max_body_bytes,
             trusted=trusted,
             state=state,
+            config_path=None if kube else path,
+            watch_config=watch_config,
         )
     )
 

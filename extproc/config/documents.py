@@ -110,6 +110,9 @@ class TokenPoolSpec(_Spec):
     control: Control = Control()
     queue: Queue = Queue()
     default_max_tokens: int = 256
+    # Decide and record, never enforce: every request of the pool is admitted; /status and the metrics show
+    # what would have been queued or rejected. For trying a policy on live traffic before turning it on.
+    shadow: bool = False
 
 
 class Resources(_Spec):
@@ -145,6 +148,7 @@ class TokenEntitlementSpec(_Spec):
     defaults: Defaults = Defaults()
     auth: Auth = Auth()
     expires_at: float | None = None  # seconds on the engine's clock (Unix time when live); absent: never
+    shadow: bool = False  # decide and record, never enforce (see TokenPoolSpec.shadow); also on when the pool's is
 
 
 class TokenPool(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag_field="kind", tag="TokenPool"):

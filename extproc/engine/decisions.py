@@ -41,6 +41,8 @@ class Decision:
     max_tokens: int = 0
     # Preemptible requests the adapter must terminate now (their reservations are already released).
     evict: Sequence[str] = ()
+    # Shadow mode: what enforcement would have done (QUEUE or REJECT, with `reason`) to a request admitted anyway.
+    would: Verdict | None = None
 
 
 @dataclass(slots=True)

@@ -101,6 +101,8 @@ class Engine:
             self.ents[name] = new
         for p in self.pools.values():
             p.ents.sort(key=lambda e: (e.retired, e.order))
+            for e in p.ents:
+                e.shadow = e.spec.shadow or p.spec.shadow
             self._control(p, now, measure=False, events=events)
             self._dispatch(p, now, events)
         return events
@@ -224,6 +226,8 @@ class Engine:
         if e is None:
             return Decision(Verdict.REJECT, request_id, Reason.NOT_BOUND, max_tokens=max_tokens or 0)
         mt = max_tokens if max_tokens is not None else e.max_tokens_default
+        if e.shadow:
+            return self._admit_shadow(e, request_id, input_tokens, mt, now)
         if not e.serving:
             return self._reject(e, request_id, Reason.NOT_BOUND, None, mt)
         p = e.pool
@@ -254,6 +258,49 @@ class Engine:
         if reason in _OWN or protected or e.weight > p.threshold:
             return self._enqueue(e, request_id, input_tokens, mt, reason, now)
         return self._reject(e, request_id, Reason.POOL_CONTENDED, self._retry(e, reason, kv, now), mt)
+
+    def _admit_shadow(self, e: EntitlementState, rid: str, input_tokens: int, mt: int, now: float) -> Decision:
+        """Shadow mode: admit() decides as always and records what it would have done, but the request is
+        admitted whatever the answer (and nobody is evicted for it). Its reservation counts like any other, so
+        the books show the real load and everyone else's decisions stay true."""
+        p = e.pool
+        e.last_arrival = now
+        if not e.active:
+            e.active = True
+            self._set_head(e)
+        kv = input_tokens + mt
+        would, reason, protected = Verdict.REJECT, None, False
+        if not e.serving:
+            reason = Reason.NOT_BOUND
+        elif p.replicas == 0:
+            reason = Reason.NO_CAPACITY
+            if p.name in self.autoscaled:
+                would = Verdict.QUEUE
+        elif kv * p.share > p.cap_kv or kv * e.share > e.c_kv:
+            reason = Reason.OVER_KV
+        else:
+            reason, protected = self._check(e, kv, kv, now)
+            if reason is None and not protected and self._outranked(e, p):
+                reason = Reason.POOL_CONTENDED
+            if reason is Reason.POOL_CONTENDED and protected and self._evict_for(e, kv, now, dry=True):
+                reason = None  # enforcement would admit it by evicting preemptible work: shadow evicts nobody
+            if reason is not None and (reason in _OWN or protected or e.weight > p.threshold):
+                q = p.spec.queue
+                if p.queued < q.max_queued and q.timeout_seconds > 0:
+                    would = Verdict.QUEUE
+                else:
+                    reason = Reason.QUEUE_FULL
+        if reason is None:
+            would = None
+        else:
+            e.refused = True  # counts for debt as a real refusal would
+            if would is Verdict.QUEUE:
+                e.shadow_queued += 1
+            else:
+                e.shadow_rejected += 1
+            e.shadow_by_reason[reason.value] = e.shadow_by_reason.get(reason.value, 0) + 1
+        self._reserve(e, rid, input_tokens, mt, kv, protected, now)
+        return Decision(Verdict.ADMIT, rid, reason, max_tokens=mt, would=would)
 
     def _no_capacity(self, e: EntitlementState, rid: str, input_tokens: int, mt: int, now: float) -> Decision:
         """The pool has no replica. If an autoscaler serves it, the request fits one replica and the queue has
@@ -387,8 +434,9 @@ class Engine:
                 before_k += r.h_kv
         return conc + min(before_c, max(0.0, -conc + 1)), kv_ + min(before_k, max(0.0, -kv_ + kv))
 
-    def _evict_for(self, e: EntitlementState, kv: float, now: float) -> list[str]:
-        """Preemptible requests of lower weight to terminate so that protected work of `e` fits; [] if none do."""
+    def _evict_for(self, e: EntitlementState, kv: float, now: float, dry: bool = False) -> list[str]:
+        """Preemptible requests of lower weight to terminate so that protected work of `e` fits; [] if none do.
+        dry: only say which (shadow mode), terminate nothing."""
         p = e.pool
         need_conc, need_kv = self._shortfall(e, kv)
         victims = sorted(
@@ -404,6 +452,8 @@ class Engine:
             need_kv -= r.kv
         if need_conc > _EPS or need_kv > _EPS:
             return []
+        if dry:
+            return [r.rid for r in chosen]
         for r in chosen:
             r.ent.evicted_total += 1
             self._free(r, r.input_tokens + r.output, now)
@@ -837,6 +887,7 @@ class Engine:
                 "queued": p.queued,
                 "in_flight": len(p.inflight),
                 "admission_threshold": p.threshold if math.isfinite(p.threshold) else None,
+                "shadow": p.spec.shadow,
             }
         ents = {}
         for e in self.ents.values():
@@ -865,6 +916,9 @@ class Engine:
                 "rejected_total": e.rejected_total,
                 "rejected_by_reason": dict(e.rejected_by_reason),
                 "evicted_total": e.evicted_total,
+                "shadow": e.shadow,
+                # Shadow mode: admitted although enforcement would have queued / rejected them (and why).
+                "shadow_would": {"queue": e.shadow_queued, "reject": e.shadow_rejected, "by_reason": dict(e.shadow_by_reason)},
             }
         return {"pools": pools, "entitlements": ents}
 

@@ -129,6 +129,7 @@ class EntitlementState:
         "active", "last_arrival", "h_kv", "h_conc", "queue", "refused",
         "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total", "rejected_by_reason",
         "max_tokens_default", "evicted_total", "retired", "measured", "share", "rate_tps",
+        "shadow", "shadow_queued", "shadow_rejected", "shadow_by_reason",
     )  # fmt: skip
 
     def __init__(
@@ -177,12 +178,16 @@ class EntitlementState:
         self.rejected_by_reason: dict[str, int] = {}
         self.evicted_total = 0
         self.retired = False  # removed from the config; kept only until its in-flight requests end
+        self.shadow = spec.shadow or pool.spec.shadow  # decide and record, never enforce
+        self.shadow_queued = 0  # shadow mode: requests admitted that enforcement would have queued
+        self.shadow_rejected = 0  # ... or rejected
+        self.shadow_by_reason: dict[str, int] = {}
 
     # What carries over when an entitlement's spec changes (hot reload): everything that is not config.
     CARRY = (
         "in_flight", "kv", "queue", "lifecycle", "weight", "debt", "burst", "active", "last_arrival", "h_kv",
         "h_conc", "refused", "area_kv", "area_conc", "tokens", "t_mark", "admitted_total", "rejected_total",
-        "rejected_by_reason", "evicted_total", "rate_tps",
+        "rejected_by_reason", "evicted_total", "rate_tps", "shadow_queued", "shadow_rejected", "shadow_by_reason",
     )  # fmt: skip
 
     def rescale(self, share: float, now: float) -> None:

@@ -145,6 +145,7 @@ class AdapterStats:
     exact_usage: int = 0  # finished with the backend's own usage numbers (else: counted chunks)
     input_tokens: int = 0  # reconciled totals passed to engine.finish
     output_tokens: int = 0
+    shadow: Counter = field(default_factory=Counter)  # shadow mode: admitted anyway, by "would:reason"
 
 
 class Gateway:
@@ -370,6 +371,8 @@ class Exchange:
         if pool is None:
             return self._reply(errors.model_not_found(req.model))
         spec = gw.engine.entitlement_spec(self.entitlement)
+        if spec is None:  # removed by a reload while its body was arriving
+            return self._reply(errors.for_reason(Reason.ENTITLEMENT_REMOVED, None))
         if spec.pool_ref.name != pool:
             reply = errors.model_not_found(req.model)
             reply.message = f"The model {req.model!r} is not available to your entitlement."
@@ -380,6 +383,9 @@ class Exchange:
         gw.live[self.rid] = self
         decision = gw.engine.admit(self.rid, self.entitlement, self.estimate.tokens, req.output_budget, gw.clock())
         self.decision = decision
+        if decision.would is not None:  # shadow mode: enforcement would have queued or rejected it
+            gw.stats.shadow[f"{decision.would.value}:{decision.reason.value}"] += 1
+            log.info("shadow", would=decision.would.value, reason=decision.reason.value, rid=self.rid, entitlement=self.entitlement)
         if decision.evict:
             gw.evict(decision.evict)
         if decision.verdict is Verdict.ADMIT:
