@@ -1,6 +1,8 @@
 """Screenshot of the status page (GET / on the status server) with live traffic, in a real headless Chromium.
 
     python -m bench.screenshot --out docs/img/status.png
+    python -m bench.screenshot --serve 60 --status-port 9464   # no screenshot: the same server and traffic for
+                                                              # 60 s, to try `tokenpools top` or a browser on
 
 Starts a TokenpoolsServer in-process on free ports with the demo config (extproc/stack.py default_config_path():
 the paper's Exp 1 pool and tenants) and a controller (so desired replicas show), drives closed-loop traffic
@@ -66,7 +68,7 @@ async def run_chromium(cmd: list[str], timeout: float = 60.0) -> bytes:
         return out
 
 
-async def demo_server(warmup_s: float, traffic_s: float):
+async def demo_server(warmup_s: float, traffic_s: float, status_port: int = 0):
     """A started server with the demo config and traffic running; returns (server, traffic task)."""
     import structlog
 
@@ -76,7 +78,7 @@ async def demo_server(warmup_s: float, traffic_s: float):
     from extproc.ui.traffic import drive
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    server = TokenpoolsServer(load_file(default_config_path()), ext_proc_port=0, status_port=0, scaler_port=0)
+    server = TokenpoolsServer(load_file(default_config_path()), ext_proc_port=0, status_port=status_port, scaler_port=0)
     await server.start()
     traffic = asyncio.create_task(drive(server.ext_proc_port, DEMO_USERS, traffic_s, max_tokens=48, hold_s=3.0))
     await asyncio.sleep(warmup_s)
@@ -159,13 +161,29 @@ async def _main(out: Path, warmup_s: float, wait_s: float, size: str) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+async def _serve(seconds: float, port: int) -> None:
+    """Only the server and its traffic, for `tokenpools top` or a browser: python -m bench.screenshot --serve 60."""
+    server, traffic = await demo_server(0.0, seconds, port)
+    try:
+        print(f"status page: http://127.0.0.1:{server.status_port}/  (tokenpools top --url http://127.0.0.1:{server.status_port})", file=sys.stderr, flush=True)
+        await asyncio.gather(traffic, return_exceptions=True)
+    finally:
+        await server.stop(grace=0.5)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("docs/img/status.png"))
     ap.add_argument("--warmup", type=float, default=6.0, help="seconds of traffic before the screenshot")
     ap.add_argument("--wait", type=float, default=3.5, help="real seconds the page runs (polls once a second) before the shot")
     ap.add_argument("--window-size", default="1400,900")
+    ap.add_argument("--serve", type=float, default=None, metavar="SECONDS",
+                    help="no screenshot: run the demo server with traffic this long (for tokenpools top or a browser)")
+    ap.add_argument("--status-port", type=int, default=0, help="with --serve: the status port (default: any free one)")
     args = ap.parse_args(argv)
+    if args.serve is not None:
+        asyncio.run(_serve(args.serve, args.status_port))
+        return
     asyncio.run(_main(args.out, args.warmup, args.wait, args.window_size))
 
 

@@ -45,51 +45,58 @@ def tables(view: dict[str, Any], url: str = ""):
     from rich.table import Table
     from rich.text import Text
 
-    pools = Table(title="pools", title_justify="left", expand=False, pad_edge=False)
-    pools.add_column("pool", style="bold")
-    pools.add_column("model")
+    from rich import box
+
+    pools = Table(title="pools", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    pools.add_column("pool", style="bold", no_wrap=True)
+    pools.add_column("model", no_wrap=True)
     pools.add_column("replicas", justify="right")
     for _, label in DIMENSIONS:
-        pools.add_column(f"{label} used/cap", justify="right")
-    pools.add_column("queued", justify="right")
-    pools.add_column("in flight", justify="right")
-    pools.add_column("adm/s", justify="right")
-    pools.add_column("rej/s", justify="right")
+        pools.add_column(f"{label} used/cap", justify="right", no_wrap=True)
+    for col in ("queued", "in flight", "adm/s", "rej/s"):
+        pools.add_column(col, justify="right")
     for p in view["pools"]:
         reps = num(p["replicas"])
-        if p["desired_replicas"] is not None and p["desired_replicas"] != p["replicas"]:
+        if p["desired_replicas"] is not None:
             reps += f" → {p['desired_replicas']}"
         pools.add_row(
             p["pool"], p["model"] or "", reps,
             *(pair(p["used"].get(d), p["capacity"].get(d)) for d, _ in DIMENSIONS),
             num(p["queued"]), num(p["in_flight"]), _rate(p["admitted_per_s"]), _rate(p["rejected_per_s"]),
         )  # fmt: skip
-
-    ents = Table(title="entitlements (use/baseline; ≤ceiling where there is no baseline)", title_justify="left", pad_edge=False)
-    for col, just in (
-        ("pool", "left"), ("entitlement", "left"), ("class", "left"), ("state", "left"),
-        ("tok/s", "right"), ("KV", "right"), ("conc", "right"), ("weight", "right"), ("debt", "right"),
-        ("burst", "right"), ("queued", "right"), ("adm/s", "right"), ("rej/s", "right"), ("rejected/s by reason", "left"),
-    ):  # fmt: skip
-        ents.add_column(col, justify=just)  # type: ignore[arg-type]
-    for e in view["entitlements"]:
-        reasons = ", ".join(f"{why} {r:.1f}" for why, r in e["rejected_per_s_by_reason"].items())
-        ents.add_row(
-            e["pool"], e["entitlement"],
-            Text(e["class"] or "", style=CLASS_STYLE.get(e["class"], "")),
-            Text(e["state"] or "", style=STATE_STYLE.get(e["state"], "")),
-            *(_use(e["used"].get(d), e["baseline"].get(d), e["ceiling"].get(d)) for d, _ in DIMENSIONS),
-            _sig(e["weight"]),
-            f"{e['debt']:+.2f}" if e["debt"] is not None else "-",
-            f"{e['burst']:.2f}" if e["burst"] is not None else "-",
-            num(e["queued"]),
-            _rate(e["admitted_per_s"]),
-            Text(_rate(e["rejected_per_s"]), style="red" if e["rejected_per_s"] else ""),
-            reasons,
-        )  # fmt: skip
+    parts = [pools]
+    for pool in [p["pool"] for p in view["pools"]] + sorted({e["pool"] for e in view["entitlements"]} - {p["pool"] for p in view["pools"]}):
+        mine = [e for e in view["entitlements"] if e["pool"] == pool]
+        if not mine:
+            continue
+        ents = Table(title=f"{pool}: entitlements (use/baseline; ≤ceiling where there is no baseline)", title_justify="left",
+                     box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+        for col, just in (
+            ("entitlement", "left"), ("class", "left"), ("state", "left"), ("tok/s", "right"), ("KV", "right"),
+            ("conc", "right"), ("weight", "right"), ("debt", "right"), ("burst", "right"), ("queued", "right"),
+            ("adm/s", "right"), ("rej/s", "right"),
+        ):  # fmt: skip
+            ents.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+        ents.add_column("rej/s by reason", overflow="fold")
+        for e in mine:
+            reasons = ", ".join(f"{why} {r:.1f}" for why, r in e["rejected_per_s_by_reason"].items())
+            ents.add_row(
+                e["entitlement"],
+                Text(e["class"] or "", style=CLASS_STYLE.get(e["class"], "")),
+                Text(e["state"] or "", style=STATE_STYLE.get(e["state"], "")),
+                *(_use(e["used"].get(d), e["baseline"].get(d), e["ceiling"].get(d)) for d, _ in DIMENSIONS),
+                _sig(e["weight"]),
+                f"{e['debt']:+.2f}" if e["debt"] is not None else "-",
+                f"{e['burst']:.2f}" if e["burst"] is not None else "-",
+                num(e["queued"]),
+                _rate(e["admitted_per_s"]),
+                Text(_rate(e["rejected_per_s"]), style="red" if e["rejected_per_s"] else ""),
+                reasons,
+            )  # fmt: skip
+        parts.append(ents)
     dt = view["interval_s"]
     caption = f"{url}  ·  rates over the last {dt:.1f} s" if dt else f"{url}  ·  rates after the next poll"
-    return Group(pools, Text(""), ents, Text(caption, style="dim"))
+    return Group(*parts, Text(caption, style="dim"))
 
 
 @click.command("top")
