@@ -350,7 +350,8 @@ def render(doc: dict[str, Any]):
 @click.option("--width", default=None, type=int, help="Table width in columns (default: the terminal's).")
 def plan_command(config, workload, policy, seed, duration, as_json, width) -> None:
     """What-if: run CONFIG with WORKLOAD in the virtual-time simulator; per entitlement SLO attainment, TTFT and
-    admitted/rejected, per pool utilization. Workload format: `tokenpools plan --help` and docs/operations.md."""
+    admitted/rejected, per pool utilization. Workload format: docs/operations.md
+    (example: extproc/ui/examples/plan-workload.yaml)."""
     import orjson
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
