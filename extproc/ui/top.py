@@ -39,60 +39,67 @@ def _rate(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
-def tables(view: dict[str, Any], url: str = ""):
-    """The rich renderable for one view (rows())."""
+WIDE = 125  # below this many columns the tables leave out model, KV, weight, debt and burst
+
+
+def tables(view: dict[str, Any], url: str = "", width: int | None = None):
+    """The rich renderable for one view (rows()). `width` < WIDE: the narrow set of columns."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    from rich import box
+    wide = width is None or width >= WIDE
+    dims = DIMENSIONS if wide else tuple(d for d in DIMENSIONS if d[0] != "kv_cache_tokens")
 
-    pools = Table(title="pools", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    pools.add_column("pool", style="bold", no_wrap=True)
-    pools.add_column("model", no_wrap=True)
-    pools.add_column("replicas", justify="right")
-    for _, label in DIMENSIONS:
-        pools.add_column(f"{label} used/cap", justify="right", no_wrap=True)
-    for col in ("queued", "in flight", "adm/s", "rej/s"):
-        pools.add_column(col, justify="right")
+    def table(title: str, cols) -> Table:
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for header, just, _ in cols:
+            t.add_column(header, justify=just, no_wrap=header != "rej/s by reason", overflow="fold")
+        return t
+
+    def replicas(p) -> str:
+        return num(p["replicas"]) + (f" → {p['desired_replicas']}" if p["desired_replicas"] is not None else "")
+
+    pool_cols = [
+        ("pool", "left", lambda p: Text(p["pool"], style="bold")),
+        *([("model", "left", lambda p: p["model"] or "")] if wide else []),
+        ("replicas", "right", replicas),
+        *((f"{label} used/cap" if wide else label, "right", lambda p, d=d: pair(p["used"].get(d), p["capacity"].get(d)))
+          for d, label in dims),
+        ("queued", "right", lambda p: num(p["queued"])),
+        ("in flight", "right", lambda p: num(p["in_flight"])),
+        ("adm/s", "right", lambda p: _rate(p["admitted_per_s"])),
+        ("rej/s", "right", lambda p: _rate(p["rejected_per_s"])),
+    ]  # fmt: skip
+    pools = table("pools" if wide else "pools (used/capacity)", pool_cols)
     for p in view["pools"]:
-        reps = num(p["replicas"])
-        if p["desired_replicas"] is not None:
-            reps += f" → {p['desired_replicas']}"
-        pools.add_row(
-            p["pool"], p["model"] or "", reps,
-            *(pair(p["used"].get(d), p["capacity"].get(d)) for d, _ in DIMENSIONS),
-            num(p["queued"]), num(p["in_flight"]), _rate(p["admitted_per_s"]), _rate(p["rejected_per_s"]),
-        )  # fmt: skip
+        pools.add_row(*(get(p) for _, _, get in pool_cols))
+
+    ent_cols = [
+        ("entitlement", "left", lambda e: e["entitlement"]),
+        ("class", "left", lambda e: Text(e["class"] or "", style=CLASS_STYLE.get(e["class"], ""))),
+        ("state", "left", lambda e: Text(e["state"] or "", style=STATE_STYLE.get(e["state"], ""))),
+        *((label, "right", lambda e, d=d: _use(e["used"].get(d), e["baseline"].get(d), e["ceiling"].get(d))) for d, label in dims),
+        *([
+            ("weight", "right", lambda e: _sig(e["weight"])),
+            ("debt", "right", lambda e: f"{e['debt']:+.2f}" if e["debt"] is not None else "-"),
+            ("burst", "right", lambda e: f"{e['burst']:.2f}" if e["burst"] is not None else "-"),
+        ] if wide else []),
+        ("queued", "right", lambda e: num(e["queued"])),
+        ("adm/s", "right", lambda e: _rate(e["admitted_per_s"])),
+        ("rej/s", "right", lambda e: Text(_rate(e["rejected_per_s"]), style="red" if e["rejected_per_s"] else "")),
+        ("rej/s by reason", "left", lambda e: ", ".join(f"{why} {r:.1f}" for why, r in e["rejected_per_s_by_reason"].items())),
+    ]  # fmt: skip
     parts = [pools]
-    for pool in [p["pool"] for p in view["pools"]] + sorted({e["pool"] for e in view["entitlements"]} - {p["pool"] for p in view["pools"]}):
+    known = [p["pool"] for p in view["pools"]]
+    for pool in known + sorted({e["pool"] for e in view["entitlements"]} - set(known)):
         mine = [e for e in view["entitlements"] if e["pool"] == pool]
         if not mine:
             continue
-        ents = Table(title=f"{pool}: entitlements (use/baseline; ≤ceiling where there is no baseline)", title_justify="left",
-                     box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
-        for col, just in (
-            ("entitlement", "left"), ("class", "left"), ("state", "left"), ("tok/s", "right"), ("KV", "right"),
-            ("conc", "right"), ("weight", "right"), ("debt", "right"), ("burst", "right"), ("queued", "right"),
-            ("adm/s", "right"), ("rej/s", "right"),
-        ):  # fmt: skip
-            ents.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-        ents.add_column("rej/s by reason", overflow="fold")
+        ents = table(f"{pool}: entitlements (use/baseline; ≤ceiling where there is no baseline)", ent_cols)
         for e in mine:
-            reasons = ", ".join(f"{why} {r:.1f}" for why, r in e["rejected_per_s_by_reason"].items())
-            ents.add_row(
-                e["entitlement"],
-                Text(e["class"] or "", style=CLASS_STYLE.get(e["class"], "")),
-                Text(e["state"] or "", style=STATE_STYLE.get(e["state"], "")),
-                *(_use(e["used"].get(d), e["baseline"].get(d), e["ceiling"].get(d)) for d, _ in DIMENSIONS),
-                _sig(e["weight"]),
-                f"{e['debt']:+.2f}" if e["debt"] is not None else "-",
-                f"{e['burst']:.2f}" if e["burst"] is not None else "-",
-                num(e["queued"]),
-                _rate(e["admitted_per_s"]),
-                Text(_rate(e["rejected_per_s"]), style="red" if e["rejected_per_s"] else ""),
-                reasons,
-            )  # fmt: skip
+            ents.add_row(*(get(e) for _, _, get in ent_cols))
         parts.append(ents)
     dt = view["interval_s"]
     caption = f"{url}  ·  rates over the last {dt:.1f} s" if dt else f"{url}  ·  rates after the next poll"
@@ -125,7 +132,7 @@ def top_command(url: str, interval: float, once: bool, as_json: bool, width: int
         if as_json:
             sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
         else:
-            console.print(tables(view, url))
+            console.print(tables(view, url, console.width))
         return
     if as_json:
         try:
@@ -140,7 +147,7 @@ def top_command(url: str, interval: float, once: bool, as_json: bool, width: int
     from rich.live import Live
 
     try:
-        with Live(tables(rows(prev), url), console=console, refresh_per_second=4, screen=False) as live:
+        with Live(tables(rows(prev), url, console.width), console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(interval)
                 try:
@@ -149,9 +156,9 @@ def top_command(url: str, interval: float, once: bool, as_json: bool, width: int
                     from rich.console import Group
                     from rich.text import Text
 
-                    live.update(Group(tables(rows(prev), url), Text(f"stale: {exc}", style="bold red")))
+                    live.update(Group(tables(rows(prev), url, console.width), Text(f"stale: {exc}", style="bold red")))
                     continue
-                live.update(tables(rows(cur, prev), url))
+                live.update(tables(rows(cur, prev), url, console.width))
                 prev = cur
     except KeyboardInterrupt:
         return

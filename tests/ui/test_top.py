@@ -94,3 +94,20 @@ def test_top_says_clearly_when_the_server_is_not_there():
         result = CliRunner().invoke(top_command, ["--url", f"http://127.0.0.1:{port}", "--once"])
     assert result.exit_code == 1
     assert "cannot reach the tokenpools status server" in result.output and "tokenpools serve" in result.output
+
+
+def test_narrow_terminals_get_the_short_set_of_columns():
+    from rich.console import Console
+
+    from extproc.ui.top import tables
+
+    before = _status({"s": _ent("p1", "spot", 10, 4, {"pool_contended": 4})})
+    after = _status({"s": _ent("p1", "spot", 12, 8, {"pool_contended": 8})})
+    view = rows(Poll(1.0, after, None), Poll(0.0, before, None))
+    text = {}
+    for width in (80, 140):
+        console = Console(width=width, record=True, file=open("/dev/null", "w"))
+        console.print(tables(view, "http://x", width))
+        text[width] = console.export_text()
+    assert "weight" in text[140] and "weight" not in text[80] and "KV" not in text[80]
+    assert all("spot" in t and "4.0" in t for t in text.values())  # rejected/s = (8 - 4) / 1 s
