@@ -45,7 +45,7 @@ from typing import Any
 import click
 import yaml
 
-from extproc.config import ConfigError, load_file
+from extproc.config import ConfigError, from_objects, load_file
 from extproc.experiments.workload import Experiment, Lengths, Load, Phase, Tenant, fixed, lognormal, uniform
 
 POLICIES = ("tokenpools", "none", "static", "fairqueue")
@@ -203,7 +203,8 @@ def experiments(config_path: str | Path, wl: Workload) -> list[PlanExperiment]:
         spec = pool.spec
         replicas = opts.get("replicas", spec.replicas.current if spec.replicas.current is not None else max(1, spec.replicas.min or 0))
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-            raise WorkloadError(f"workload pool {pool_name}: replicas must be an integer >= 1, got {replicas!r}")
+            hint = "" if "replicas" in opts else f" (the pool's spec.replicas; set pools.{pool_name}.replicas in the workload)"
+            raise WorkloadError(f"workload pool {pool_name}: replicas must be an integer >= 1, got {replicas!r}{hint}")
         prof_name = str(opts.get("profile", "paper-spark"))
         try:
             profile = load_profile(prof_name) if prof_name.endswith((".yaml", ".yml")) else get_profile(prof_name)
@@ -216,8 +217,7 @@ def experiments(config_path: str | Path, wl: Workload) -> list[PlanExperiment]:
             or (d.get("kind") == "TokenEntitlement" and d["metadata"]["name"] in mine))]  # fmt: skip
         # The simulated replica count is the engine's too (perReplica × replicas).
         docs = [_with_replicas(d, replicas) if d.get("kind") == "TokenPool" else d for d in docs]
-        eng = Engine(load_file(config_path), 0.0)
-        eng_pool = eng.pools[pool_name]
+        eng_pool = Engine(from_objects(docs, source=str(config_path)), 0.0).pools[pool_name]
         per_tps = eng_pool.cap_tps / max(1, eng_pool.replicas)
         tenants = []
         for n in sending:

@@ -124,3 +124,17 @@ def test_workload_errors_name_the_field(tmp_path):
         cfg, wl = _files(tmp_path, text)
         res = CliRunner().invoke(plan_command, [str(cfg), str(wl)])
         assert res.exit_code == 1 and expected in res.output, (text, res.output)
+
+
+def test_plan_runs_each_pool_and_a_pool_at_zero_replicas_needs_a_count(tmp_path):
+    from tests.envoy.extproc_msgs import CONFIG as MULTI
+
+    (tmp_path / "c.yaml").write_text(MULTI)
+    (tmp_path / "w.yaml").write_text("duration: 8\npools: {zero: {replicas: 1}}\ntenants: {g1: {users: 1}, zg: {users: 1}, zs: {users: 4}}\n")
+    doc = plan(tmp_path / "c.yaml", load_workload(tmp_path / "w.yaml"))
+    assert set(doc["pools"]) == {"one", "zero"} and doc["pools"]["zero"]["replicas"] == 1
+    assert [(e["pool"], n) for n, e in doc["entitlements"].items()] == [("one", "g1"), ("zero", "zg"), ("zero", "zs")]
+    assert doc["entitlements"]["zg"]["admitted"] > 0 and doc["entitlements"]["zs"]["rejected"] > 0
+    (tmp_path / "w.yaml").write_text("duration: 8\ntenants: {zg: {users: 1}}\n")
+    res = CliRunner().invoke(plan_command, [str(tmp_path / "c.yaml"), str(tmp_path / "w.yaml")])
+    assert res.exit_code == 1 and "set pools.zero.replicas" in res.output
