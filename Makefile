@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lock clean redis-server
+.PHONY: run test test-fast bench lock clean redis-server chromium
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/tokenpools up
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server chromium
 	$(BIN)/python -m pytest
 
 # tests/state start their own redis-server on a free port. Install Debian's when it is missing (CI runs as root
@@ -29,6 +29,16 @@ redis-server:
 	  apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 	  { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }; \
 	else echo "redis-server not found and cannot be installed here (needs root + apt-get): tests/state will skip" >&2; fi
+
+# tests/ui render the status page in headless Chromium; installed the same way (skips without it, fails under CI=true).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
+	else echo "chromium not found and cannot be installed here (needs root + apt-get): the tests/ui browser test will skip" >&2; fi
 
 # Engine and unit tests only (no Envoy): seconds, for the edit loop.
 test-fast: $(STAMP)

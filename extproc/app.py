@@ -141,6 +141,7 @@ class TokenpoolsServer:
         app.router.add_get("/status/scaler", self._scaler_status)
         app.router.add_get("/status/state", self._state_status)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/", self._page)  # the status page (extproc/ui/status.html)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.status_port, reuse_port=False)
@@ -241,6 +242,11 @@ class TokenpoolsServer:
 
     async def _state_status(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.state.status()), content_type="application/json")
+
+    async def _page(self, request: web.Request) -> web.Response:
+        from .ui import page_html
+
+        return web.Response(body=page_html(), content_type="text/html", headers={"Cache-Control": "no-cache"})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n" if self.health.serving else "draining\n", status=200 if self.health.serving else 503)

@@ -18,6 +18,8 @@ class _LazyGroup(click.Group):
         "sim-backend": ("extproc.sim.cli", "sim_backend"),
         "bench": ("bench.cli", "bench"),
         "experiment": ("extproc.experiments.cli", "experiment"),
+        "top": ("extproc.ui.top", "top_command"),
+        "plan": ("extproc.ui.plan", "plan_command"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
