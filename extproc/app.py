@@ -219,7 +219,9 @@ class TokenpoolsServer:
             await asyncio.sleep(max(0.001, delay))
 
     async def _status(self, request: web.Request) -> web.Response:
-        doc = self.engine.snapshot(self.clock())
+        now = self.clock()
+        doc = self.engine.snapshot(now)
+        doc["time"] = now  # the server's clock: rates from two snapshots are exact, whatever the poll jitter
         doc["config"] = self.config_state.status()
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
