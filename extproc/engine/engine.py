@@ -83,6 +83,7 @@ class Engine:
         self._by_model = {doc.spec.model: self.pools[name] for name, doc in config.pools.items()}
         for name in [n for n in self.ents if n not in config.entitlements]:
             self._retire(self.ents.pop(name), Reason.ENTITLEMENT_REMOVED, events)
+        replaced: dict[EntitlementState, EntitlementState] = {}  # old state -> its successor, same pool
         for order, (name, doc) in enumerate(config.entitlements.items()):
             old = self.ents.get(name)
             if old is not None and old.spec == doc.spec:
@@ -93,12 +94,18 @@ class Engine:
             new = EntitlementState(name, doc.spec, pool, order, now, share)
             if old is not None and old.pool is pool:
                 self._carry_over(old, new)
+                replaced[old] = new
             elif old is not None:  # moved to another pool: the old one drains where it is
                 self._retire(old, Reason.ENTITLEMENT_REMOVED, events)
                 pool.ents.append(new)
             else:
                 pool.ents.append(new)
             self.ents[name] = new
+        if replaced:  # one pass over what points at the old states, however many changed (O(n), not O(n²))
+            for r in self.inflight.values():
+                r.ent = replaced.get(r.ent, r.ent)
+            for p in self.pools.values():
+                p.ents = [replaced.get(e, e) for e in p.ents]
         for p in self.pools.values():
             p.ents.sort(key=lambda e: (e.retired, e.order))
             for e in p.ents:
@@ -165,19 +172,16 @@ class Engine:
         self._dispatch(p, now, events)
         return events
 
-    def _carry_over(self, old: EntitlementState, new: EntitlementState) -> None:
-        p = old.pool
+    @staticmethod
+    def _carry_over(old: EntitlementState, new: EntitlementState) -> None:
+        """Requests, queue, debt and counters move to the new state (apply re-points reservations and lists)."""
         for attr in EntitlementState.CARRY:
             setattr(new, attr, getattr(old, attr))
         for mine, theirs in ((new.bucket, old.bucket), (new.ceiling, old.ceiling)):
             if mine is not None and theirs is not None:
                 mine.level = min(theirs.level, mine.depth)
-        for r in p.inflight.values():
-            if r.ent is old:
-                r.ent = new
         for qr in new.queue:
             qr.ent = new
-        p.ents[p.ents.index(old)] = new
 
     def _retire(self, e: EntitlementState, reason: Reason, events: Events) -> None:
         e.lifecycle = Lifecycle.EXPIRED
