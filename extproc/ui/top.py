@@ -78,7 +78,7 @@ def tables(view: dict[str, Any], url: str = "", width: int | None = None):
 
     ent_cols = [
         ("entitlement", "left", lambda e: e["entitlement"]),
-        ("class", "left", lambda e: Text(e["class"] or "", style=CLASS_STYLE.get(e["class"], ""))),
+        ("class", "left", lambda e: Text(e["class"] or "", style=CLASS_STYLE.get(e["class"], "")) + (Text(" shadow", style="dim") if e["shadow"] else Text(""))),
         ("state", "left", lambda e: Text(e["state"] or "", style=STATE_STYLE.get(e["state"], ""))),
         *((label, "right", lambda e, d=d: _use(e["used"].get(d), e["baseline"].get(d), e["ceiling"].get(d))) for d, label in dims),
         *([

@@ -97,12 +97,20 @@ def rows(cur: Poll, prev: Poll | None = None) -> dict[str, Any]:
             r = _rate(n, b_reasons.get(why, 0) if b is not None else None, dt)
             if r:
                 by_reason[why] = r
+        # Shadow mode: admitted, but enforcement would have refused them ("would <reason>").
+        would = (e.get("shadow_would") or {}).get("by_reason") or {}
+        b_would = ((b or {}).get("shadow_would") or {}).get("by_reason") or {}
+        for why, n in sorted(would.items()):
+            r = _rate(n, b_would.get(why, 0) if b is not None else None, dt)
+            if r:
+                by_reason[f"would {why}"] = r
         ents.append(
             {
                 "entitlement": name,
                 "tenant": e.get("tenant"),
                 "pool": e.get("pool"),
                 "class": e.get("class"),
+                "shadow": bool(e.get("shadow")),
                 "state": e.get("state"),
                 "used": e.get("used", {}),
                 "baseline": e.get("baseline", {}),

@@ -50,6 +50,15 @@ def test_rates_are_counter_deltas_over_the_poll_interval_and_rows_sort_by_pool_t
     assert all(e["admitted_per_s"] is None for e in rows(Poll(0, after, None))["entitlements"])
 
 
+def test_shadow_would_be_refusals_show_as_rates_of_their_own():
+    ent = _ent("p", "spot", 10, 0, {})
+    before = _status({"s": {**ent, "shadow": True, "shadow_would": {"queue": 1, "reject": 2, "by_reason": {"over_concurrency": 1, "pool_contended": 2}}}})
+    after = _status({"s": {**ent, "shadow": True, "shadow_would": {"queue": 5, "reject": 2, "by_reason": {"over_concurrency": 5, "pool_contended": 2}}}})
+    (s,) = rows(Poll(2.0, after, None), Poll(0.0, before, None))["entitlements"]
+    assert s["shadow"] and s["rejected_per_s"] == 0.0
+    assert s["rejected_per_s_by_reason"] == {"would over_concurrency": 2.0}
+
+
 def test_num_is_compact():
     assert [num(x) for x in (None, 7, 12.5, 0.25, 3200, 32768, 1_500_000)] == ["-", "7", "12.5", "0.25", "3.2k", "33k", "1.5M"]
 
