@@ -17,7 +17,7 @@ from the request's arrival time to its verdict, so it includes any time the loop
            per finished request gives them back
 
 Also `sync_ms`: what one sync costs (wall, and CPU of this process: what can hold up the loop; the observe
-pass pauses every 1,000 entitlements) for pools of 10 / 1,000 / 10,000 entitlements, 200 of them busy, with
+passes pause every 200 entitlements) for pools of 10 / 1,000 / 10,000 entitlements, 200 of them busy, with
 three replicas.
 """
 

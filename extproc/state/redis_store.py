@@ -49,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..engine.decisions import Events
-from .shares import MIN_SHARE, POOL, PRIOR, Observer, PoolObs, merge_priorities, targets
+from .shares import MIN_SHARE, POOL, PRIOR, Observer, PoolObs, merge_priorities_steps, targets_steps
 
 log = structlog.get_logger("tokenpools.state")
 
@@ -246,14 +246,7 @@ class RedisStore:
 
     async def sync(self, now: float) -> Events:
         t0 = time.perf_counter()
-        steps = self.observer.observe_steps(self.engine)  # pauses every 1,000 entitlements: requests go first
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                obs = done.value
-                break
-            await asyncio.sleep(0)
+        obs = await _sliced(self.observer.observe_steps(self.engine))  # requests go first between slices
         demand = self.observer.demand
         try:
             events = await self._sync(obs, demand, now)
@@ -297,8 +290,7 @@ class RedisStore:
         mine = demand
         if me in info_raw:
             mine = orjson.loads(info_raw[me]).get("d", demand)
-        self.targets, follow = targets(mine, theirs, obs, self.prior)
-        await asyncio.sleep(0)
+        self.targets, follow = await _sliced(targets_steps(mine, theirs, obs, self.prior))
         request = {}
         for pool, po in obs.items():
             t = self.targets[pool]
@@ -318,7 +310,7 @@ class RedisStore:
             recs = [(rec.get("g", {}), infos.get(rid, {}).get("q", {})) for rid, rec in others.items()]
             recs.append((self.grants, mine_q))
             self._prio_seq += 1
-            merged = orjson.dumps({"k": f"{me}:{self._prio_seq}", "v": merge_priorities(recs)}).decode()
+            merged = orjson.dumps({"k": f"{me}:{self._prio_seq}", "v": await _sliced(merge_priorities_steps(recs))}).decode()
             await asyncio.sleep(0)
         info = orjson.dumps({"d": demand, "q": mine_q}).decode()
         raw = await self._script(
@@ -449,6 +441,16 @@ class RedisStore:
             "last_error": self.last_error,
             "last_sync_ms": round(self.last_sync_ms, 3),
         }
+
+
+async def _sliced(steps):
+    """Run a *_steps generator, letting the event loop run between its slices; return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        await asyncio.sleep(0)
 
 
 def _pick(grant: float, applied: float) -> float:

@@ -25,6 +25,18 @@ DEMAND_GAMMA = 0.5  # EWMA of the demand samples, per sync
 # An engine never gets share 0: that would read as "the pool has no replicas" (503, Retry-After = scale-up
 # time). A tiny share admits nothing (less than one sequence) and answers 429 with a real Retry-After.
 MIN_SHARE = 1e-6
+# The sync's passes over entitlements pause every SLICE of them, so that requests arriving meanwhile wait for one
+# slice (~0.1 ms of Python), not for a whole pass over thousands of entitlements (milliseconds).
+SLICE = 200
+
+
+def drain(steps):
+    """Run a *_steps generator to its end without pausing; return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -83,14 +95,9 @@ class Observer:
         self._static: dict[str, dict[str, _Static]] = {}
 
     def observe(self, engine) -> dict[str, PoolObs]:
-        steps = self.observe_steps(engine, chunk=0)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return drain(self.observe_steps(engine, chunk=0))
 
-    def observe_steps(self, engine, chunk: int = 1000):
+    def observe_steps(self, engine, chunk: int = SLICE):
         """observe() as a generator that pauses (yields None) after every `chunk` entitlements (0: never),
         so that a caller on an event loop can let requests in between; returns the observation."""
         g, eps = self.gamma, self.prio_eps
@@ -180,7 +187,19 @@ def targets(
     obs: dict[str, PoolObs],
     prior: float = PRIOR,
 ) -> tuple[dict[str, dict[str, float]], dict[str, set[str]]]:
-    """This replica's wished-for share of every pool and of the entitlements that need one of their own.
+    return drain(targets_steps(mine, others, obs, prior, chunk=0))
+
+
+def targets_steps(
+    mine: dict[str, dict[str, float]],
+    others: list[dict[str, dict[str, float]]],
+    obs: dict[str, PoolObs],
+    prior: float = PRIOR,
+    chunk: int = SLICE,
+):
+    """targets() as a generator pausing every `chunk` entitlements (see Observer.observe_steps).
+
+    This replica's wished-for share of every pool and of the entitlements that need one of their own.
 
     mine / others: demand per pool and entitlement (this replica; each other live replica).
     Returns (targets per pool: POOL and entitlement keys, entitlements per pool that should follow the pool).
@@ -211,7 +230,9 @@ def targets(
         back: set[str] = set()
         base = f_held = 0.0
         f_idle = po.idle_hold
-        for name, eo in po.ents.items():
+        for i, (name, eo) in enumerate(po.ents.items(), 1):
+            if chunk and i % chunk == 0:
+                yield
             s = total.get(name, 0.0)
             if s > 1e-9:
                 te = min(1.0, prior / n + (1 - prior) * md.get(name, 0.0) / s)
@@ -242,7 +263,15 @@ def targets(
 def merge_priorities(
     records: list[tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]],
 ) -> dict[str, dict[str, list[float]]]:
-    """Pool-wide debt and burst per entitlement: the share-weighted mean of every replica's own values.
+    return drain(merge_priorities_steps(records, chunk=0))
+
+
+def merge_priorities_steps(
+    records: list[tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]], chunk: int = SLICE
+):
+    """merge_priorities() as a generator pausing every `chunk` entitlements.
+
+    Pool-wide debt and burst per entitlement: the share-weighted mean of every replica's own values.
 
     records: per live replica (its granted shares per pool and key, its sparse [debt, burst] per pool and
     entitlement; absent = 0). Debt is an EMA of gaps that are linear in use, and each replica's gap is measured
@@ -256,7 +285,9 @@ def merge_priorities(
             names.setdefault(pool, set()).update(ents)
     for pool, ents in names.items():
         res: dict[str, list[float]] = {}
-        for name in ents:
+        for i, name in enumerate(ents, 1):
+            if chunk and i % chunk == 0:
+                yield
             wsum = d = b = 0.0
             for grants, q in records:
                 g = grants.get(pool)
