@@ -747,7 +747,9 @@ class Engine:
             base = (e.b_tps, e.b_kv, e.b_conc)
             if all(used[i] + base[i] <= caps[i] + _EPS for i in range(3)):
                 used = [used[i] + base[i] for i in range(3)]
-                if e.lifecycle is Lifecycle.PENDING:  # newly bound: it starts with a full bucket, like at creation
+                if e.lifecycle is not Lifecycle.BOUND:
+                    # Newly bound, or whole again after capacity came back (e.g. from zero replicas, where its
+                    # bucket had no depth): it starts with a full bucket, as at creation, not an empty one.
                     e.bucket.set_rate(e.b_tps, e.b_tps * p.spec.control.burst_seconds, now)
                     e.bucket.level = e.bucket.depth
                 e.lifecycle = Lifecycle.BOUND
