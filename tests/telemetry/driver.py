@@ -24,7 +24,7 @@ metadata: {name: p}
 spec:
   model: m-p
   perReplica: {tokensPerSecond: 1000000, concurrency: 1, kvCacheTokens: 100000}
-  queue: {timeoutSeconds: 0.4}
+  queue: {timeoutSeconds: 1.0}
 ---
 apiVersion: tokenpools.io/v1alpha1
 kind: TokenPool
@@ -126,7 +126,7 @@ async def scenario(telemetry: TelemetryOptions | None = None) -> Outcome:
             await _complete(hold, 5, 1)
             await _read(waiter, 2)  # admitted from the queue
             late = await _open(stub, "k-a", "m-p")
-            (reply,) = await _read(late)  # queue deadline (0.4 s): 429
+            (reply,) = await _read(late)  # queue deadline (1 s): 429
             out.statuses.append(reply.immediate_response.status.code)
             await _complete(waiter, 7, 3)
 

@@ -113,3 +113,12 @@ def test_default_bound_is_100():
     assert TelemetryOptions().max_entitlements == 100
     fams = scrape(TelemetryOptions(), list(range(N_ENTS)))
     assert set(label_values(fams, "tokenpools_decisions")) == {f"e{i}" for i in range(N_ENTS)}
+
+
+def test_histogram_buckets_are_inclusive_upper_bounds():
+    from extproc.telemetry.histogram import Histogram
+
+    h = Histogram((1.0, 2.0))
+    for v in (0.5, 1.0, 1.5, 2.0, 3.0):
+        h.observe(v)
+    assert h.counts == [2, 2, 1] and h.count == 5 and h.sum == 8.0 and (h.min, h.max) == (0.5, 3.0)

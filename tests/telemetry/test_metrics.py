@@ -59,11 +59,11 @@ def test_histograms(scraped: Outcome):
     assert scraped.families[qw].type == "histogram"
     assert total(scraped, qw, qw + "_count", result="admit", **{"class": "guaranteed"}) == 1
     assert total(scraped, qw, qw + "_count", result="reject") == 1
-    # The timed-out one waited its queue deadline (0.4 s); the admitted one at least the 0.05 s we held it.
+    # The timed-out one waited its queue deadline (1 s); the admitted one at least the 0.05 s we held it.
     rejected = total(scraped, qw, qw + "_sum", result="reject")
-    assert 0.35 < rejected < 3.0
+    assert 0.95 < rejected < 4.0
     assert 0.04 < total(scraped, qw, qw + "_sum", result="admit") < rejected
-    assert total(scraped, qw, qw + "_bucket", result="reject", le="0.25") == 0
+    assert total(scraped, qw, qw + "_bucket", result="reject", le="0.5") == 0
 
     er = "tokenpools_estimate_ratio"
     assert total(scraped, er, er + "_count", model="m-p") == 3  # the three finished requests with usage
