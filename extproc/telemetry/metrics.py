@@ -47,6 +47,7 @@ from .labels import DEFAULT_MAX_ENTITLEMENTS, OTHER
 from .recorder import Recorder
 
 PREFIX = "tokenpools_"
+SCOPE = "tokenpools"  # the instrumentation scope (meter name)
 
 
 @dataclass
@@ -102,12 +103,15 @@ class Metrics:
         self.resource = Resource.create({"service.name": "tokenpools"})
         readers: list = [_PrometheusReader(self._with_histograms, registry=self.registry, disable_target_info=True, scope_info_enabled=False)]
         if self.options.otlp_endpoint:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            except ImportError as exc:  # see the Makefile: xds-protos overwrites opentelemetry-proto's modules
+                raise RuntimeError(f"OTLP export unavailable: {exc} (reinstall opentelemetry-proto, see Makefile)") from exc
 
             exporter = _WithHistograms(OTLPMetricExporter(endpoint=self.options.otlp_endpoint), self._with_histograms)
             readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=self.options.otlp_interval_s * 1000))
         self.provider = MeterProvider(metric_readers=readers, resource=self.resource)
-        meter = self.provider.get_meter("tokenpools")
+        meter = self.provider.get_meter(SCOPE)
 
         counter = meter.create_observable_counter
         counter(PREFIX + "decisions", [self._decisions], description="Admission decisions by result (admit/queue/reject/evict), reason, class and entitlement.")
@@ -164,11 +168,21 @@ class Metrics:
         return out
 
     def _with_histograms(self, data: MetricsData | None) -> MetricsData:
-        scope = ScopeMetrics(scope=InstrumentationScope("tokenpools"), metrics=self._histograms(), schema_url="")
+        """`data` plus the histograms, in the same instrumentation scope as the instruments (the OTLP encoder
+        keys scopes by name: a second "tokenpools" scope would replace the first)."""
+        hists = self._histograms()
         if data is None or not data.resource_metrics:
+            scope = ScopeMetrics(scope=InstrumentationScope(SCOPE), metrics=hists, schema_url="")
             return MetricsData(resource_metrics=[ResourceMetrics(resource=self.resource, scope_metrics=[scope], schema_url="")])
         first, *rest = data.resource_metrics
-        first = ResourceMetrics(resource=first.resource, scope_metrics=[*first.scope_metrics, scope], schema_url=first.schema_url)
+        scopes = list(first.scope_metrics)
+        for i, sm in enumerate(scopes):
+            if sm.scope.name == SCOPE:
+                scopes[i] = ScopeMetrics(scope=sm.scope, metrics=[*sm.metrics, *hists], schema_url=sm.schema_url)
+                break
+        else:
+            scopes.append(ScopeMetrics(scope=InstrumentationScope(SCOPE), metrics=hists, schema_url=""))
+        first = ResourceMetrics(resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url)
         return MetricsData(resource_metrics=[first, *rest])
 
     # -- gauges: from snapshots, on the event loop --
