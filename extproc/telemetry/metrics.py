@@ -101,23 +101,31 @@ class Metrics:
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.resource = Resource.create({"service.name": "tokenpools"})
-        readers: list = [_PrometheusReader(self._with_histograms, registry=self.registry, disable_target_info=True, scope_info_enabled=False)]
+        # Our own registry: several servers in one process (tests) must not share prometheus_client's global one.
+        prometheus = _PrometheusReader(
+            self._with_histograms, registry=self.registry, disable_target_info=True, scope_info_enabled=False
+        )
+        readers: list = [prometheus]
         if self.options.otlp_endpoint:
             try:
                 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             except ImportError as exc:  # see the Makefile: xds-protos overwrites opentelemetry-proto's modules
-                raise RuntimeError(f"OTLP export unavailable: {exc} (reinstall opentelemetry-proto, see Makefile)") from exc
+                raise RuntimeError(f"OTLP export unavailable: {exc} (reinstall opentelemetry-proto: Makefile)") from exc
 
             exporter = _WithHistograms(OTLPMetricExporter(endpoint=self.options.otlp_endpoint), self._with_histograms)
-            readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=self.options.otlp_interval_s * 1000))
+            interval_ms = self.options.otlp_interval_s * 1000
+            readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=interval_ms))
         self.provider = MeterProvider(metric_readers=readers, resource=self.resource)
         meter = self.provider.get_meter(SCOPE)
 
-        counter = meter.create_observable_counter
-        counter(PREFIX + "decisions", [self._decisions], description="Admission decisions by result (admit/queue/reject/evict), reason, class and entitlement.")
-        counter(PREFIX + "input_tokens", [partial(self._tokens, recorder.input_tokens)], description="Input tokens of finished requests (the backend's count, else our estimate).")
-        counter(PREFIX + "output_tokens", [partial(self._tokens, recorder.output_tokens)], description="Output tokens of finished requests (reconciled).")
-        counter(PREFIX + "refusals", [self._refusals], description="Immediate error replies from the adapter, by HTTP status and OpenAI error code.")
+        counters = {
+            "decisions": (self._decisions, "Admission decisions by result (admit/queue/reject/evict), reason, class, entitlement."),
+            "input_tokens": (partial(self._tokens, recorder.input_tokens), "Input tokens of finished requests (usage, else estimate)."),
+            "output_tokens": (partial(self._tokens, recorder.output_tokens), "Output tokens of finished requests (reconciled)."),
+            "refusals": (self._refusals, "Immediate error replies from the adapter, by HTTP status and OpenAI error code."),
+        }  # fmt: skip
+        for name, (callback, description) in counters.items():
+            meter.create_observable_counter(PREFIX + name, [callback], description=description)
         for name, (description, unit) in GAUGES.items():
             meter.create_observable_gauge(PREFIX + name, [partial(self._gauge, name)], unit=unit, description=description)
 
@@ -146,7 +154,8 @@ class Metrics:
     def _histograms(self) -> list[Metric]:
         rec = self.recorder
         series: dict[str, tuple[str, str, list[tuple[dict, Histogram]]]] = {
-            "decision_latency_seconds": ("s", "Seconds from the end of the request body to the admission decision (parse, estimate, engine.admit).", [({}, rec.decision_latency)]),
+            "decision_latency_seconds": ("s", "Seconds from the end of the request body to the admission decision "
+                                         "(parse, estimate, engine.admit).", [({}, rec.decision_latency)]),
             "queue_wait_seconds": ("s", "Seconds queued requests waited before admission or rejection.",
                                    [({"class": c, "result": r}, h) for (c, r), h in rec.queue_wait.copy().items()]),
             "estimate_ratio": ("", "Estimated / actual input tokens of finished requests (1 = exact).",
