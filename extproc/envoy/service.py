@@ -260,11 +260,12 @@ class Exchange:
         log.debug("reply", status=reply.status, code=reply.code, rid=self.rid, entitlement=self.entitlement)
         return [_immediate(reply)]
 
-    def _refusal(self, reason: Reason, retry_after: float | None) -> Reply:
+    def _refusal(self, reason: Reason | None, retry_after: float | None) -> Reply:
         """The reply to an engine refusal (reject, queue give-up, eviction), logged once at info."""
         reply = errors.for_reason(reason, retry_after, self.gw.concurrency_limit(self.entitlement))
-        log.info("rejected", rid=self.rid, entitlement=self.entitlement, reason=reason.value, status=reply.status,
-                 retry_after=retry_after)  # fmt: skip
+        secs = reply.headers.get("retry-after")  # what the client is told, whole seconds
+        log.info("rejected", rid=self.rid, entitlement=self.entitlement, reason=reply.code, status=reply.status,
+                 retry_after=int(secs) if secs is not None else None)  # fmt: skip
         return reply
 
     def _dequeued(self, result: str, reason: str) -> None:
