@@ -11,6 +11,7 @@ defence for a future call that passes headers or a body by mistake, and tracebac
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
@@ -25,9 +26,15 @@ _SECRET_KEYS = frozenset({
 REDACTED = "[redacted]"
 
 
+_BEARER = re.compile(r"(?i)\bbearer\s+\S+")
+
+
 def _redact(logger: Any, method: str, event: dict) -> dict:
     for k in _SECRET_KEYS.intersection(event):
         event[k] = REDACTED
+    for k, v in event.items():  # a credential quoted inside some other text (an error message, say)
+        if type(v) is str and "earer" in v:
+            event[k] = _BEARER.sub("Bearer " + REDACTED, v)
     return event
 
 

@@ -84,8 +84,10 @@ def test_debug_has_one_line_per_decision_and_still_no_secret(captured):
 def test_redaction_is_a_second_line_of_defence(captured):
     configure_logging("info", "json", captured, cache=False)
     structlog.get_logger("tokenpools.test").info("oops", authorization=f"Bearer {KEY}", body=PROMPT, rid="r1")
-    (line,) = lines(captured)
+    structlog.get_logger("tokenpools.test").info(f"upstream said: bad header Bearer {KEY}", detail=f"bearer  {KEY} x")
+    line, quoted = lines(captured)
     assert line["authorization"] == line["body"] == tlogs.REDACTED and line["rid"] == "r1"
+    assert quoted["event"] == "upstream said: bad header Bearer [redacted]" and quoted["detail"].endswith("[redacted] x")
     assert KEY not in captured.getvalue() and PROMPT not in captured.getvalue()
 
 
