@@ -98,6 +98,7 @@ class Metrics:
         self.start_ns = time.time_ns()
         self._gauges: dict[str, list[Observation]] = {name: [] for name in GAUGES}
         self._refresher: asyncio.Task | None = None
+        self._scrape_lock = asyncio.Lock()
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.resource = Resource.create({"service.name": "tokenpools"})
@@ -237,8 +238,15 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def handle(self, request: web.Request) -> web.Response:
-        """GET /metrics (Prometheus text format)."""
-        return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+        """GET /metrics (Prometheus text format).
+
+        The snapshot is taken here, on the loop; the collection and rendering (tens of ms with hundreds of
+        entitlements) run in a thread, so the GIL lets request handling in every few ms instead of stalling
+        for the whole scrape. One scrape at a time: the Prometheus reader keeps per-collection state."""
+        async with self._scrape_lock:
+            self.refresh()
+            body = await asyncio.to_thread(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     # -- life cycle --
     def start(self) -> None:

@@ -68,6 +68,7 @@ class Outcome:
     text: str = ""  # the /metrics body
     families: dict = field(default_factory=dict)  # name -> prometheus_client Metric
     content_type: str = ""
+    concurrent: list[str] = field(default_factory=list)  # three more scrapes, made at the same time
 
 
 async def _read(call, n: int = 1) -> list:
@@ -138,6 +139,7 @@ async def scenario(telemetry: TelemetryOptions | None = None) -> Outcome:
             held.cancel()
             await _until(lambda: ents()["n"]["in_flight"] == 0 and ents()["a"]["in_flight"] == 0)
         out.text, out.content_type = await scrape(server)
+        out.concurrent = [text for text, _ in await asyncio.gather(*(scrape(server) for _ in range(3)))]
     finally:
         await server.stop(grace=0.5)
     out.families = {f.name: f for f in text_string_to_metric_families(out.text)}

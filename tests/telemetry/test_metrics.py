@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from .driver import Outcome
 
 
@@ -91,3 +93,16 @@ def test_entitlement_gauges(scraped: Outcome):
         assert got["a"].labels == {"entitlement": "a", "class": "guaranteed", "pool": "p"}
     weight = {s.labels["entitlement"]: s.value for s in samples(scraped, "tokenpools_entitlement_weight")}
     assert weight["a"] > weight["n"] > 0  # guaranteed outranks spot
+
+
+def test_concurrent_scrapes_agree(scraped: Outcome):
+    def counters(text: str) -> dict:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            if f.type in ("counter", "histogram")
+            for s in f.samples
+        }
+
+    first = counters(scraped.text)
+    assert first and all(counters(text) == first for text in scraped.concurrent)
