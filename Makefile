@@ -10,6 +10,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	@# xds-protos ships old copies of opentelemetry-proto's modules over the real ones (the OTLP exporter then
+	@# fails to import): reinstall opentelemetry-proto last, same pin and hashes.
+	sed -n '/^opentelemetry-proto==/,/^[a-z]/p' requirements.lock | sed '$$d' > $(VENV)/otel-proto.txt
+	$(BIN)/pip install --quiet --no-deps --force-reinstall --require-hashes -r $(VENV)/otel-proto.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

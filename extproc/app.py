@@ -6,7 +6,8 @@ ticker run on the same loop, so no locks are needed. Time passed to the engine i
 
     ext_proc gRPC   HOST:9002   envoy.service.ext_proc.v3.ExternalProcessor/Process, grpc.health.v1.Health/Check
     status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /status/scaler,
-                                GET /status/state (shared state: mode, shares, leases), GET /healthz
+                                GET /status/state (shared state: mode, shares, leases), GET /healthz,
+                                GET /metrics (Prometheus text format; names in docs/telemetry.md)
     KEDA scaler     HOST:9003   externalscaler.ExternalScaler (gRPC), fed by the controller loop (extproc/scaler/)
 
 For tests: `TokenpoolsServer(config, ...)` with `await start()` / `await stop()` (ports 0 pick free ones and are
@@ -40,6 +41,8 @@ from .envoy.service import DEFAULT_MAX_BODY, ExtProcServicer, Gateway
 from .scaler.capacity import ScalingPolicy
 from .scaler.controller import Controller, ControllerOptions
 from .state import MemoryStore, StateStore, open_store, run_store  # shared state (issue 8)
+from .telemetry import configure_logging
+from .telemetry.metrics import Metrics, TelemetryOptions  # metrics and logging (issue 9)
 
 TICK_MAX_S = 0.1  # the engine is ticked at its next_wakeup(), and at least this often
 
@@ -75,6 +78,7 @@ class TokenpoolsServer:
         state: StateStore | None = None,
         config_path: str | None = None,
         watch_config: bool = True,
+        telemetry: TelemetryOptions | None = None,
     ) -> None:
         self.config = config
         self.host = host
@@ -83,7 +87,11 @@ class TokenpoolsServer:
         self.scaler_port = scaler_port  # None: no KEDA scaler
         self.clock = clock
         self.engine = engine if engine is not None else Engine(config, clock())
-        self.gateway = Gateway(self.engine, config, clock=clock, max_body_bytes=max_body_bytes, trusted=trusted)
+        telemetry = telemetry or TelemetryOptions()
+        recorder = telemetry.recorder()
+        self.gateway = Gateway(
+            self.engine, config, clock=clock, max_body_bytes=max_body_bytes, trusted=trusted, telemetry=recorder
+        )
         self.health = Health()
         # The controller runs when there is a scaler to feed or backends to follow.
         self.controller: Controller | None = None
@@ -101,6 +109,9 @@ class TokenpoolsServer:
             if watch_config:
                 self._watcher = ConfigWatcher(config_path, self.reload, self.config_state)
         self._watch_task: asyncio.Task | None = None
+        self.metrics = Metrics(
+            recorder, self.engine, clock, self.controller, lambda: self.gateway.stats.refusals, telemetry
+        )
         self._grpc: grpc.aio.Server | None = None
         self._scaler: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -142,6 +153,7 @@ class TokenpoolsServer:
         app.router.add_get("/status/state", self._state_status)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/", self._page)  # the status page (extproc/ui/status.html)
+        app.router.add_get("/metrics", self.metrics.handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.status_port, reuse_port=False)
@@ -149,6 +161,7 @@ class TokenpoolsServer:
         self.status_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
         self._ticker = asyncio.create_task(self._tick_loop())
+        self.metrics.start()
         if self.controller is not None:
             await self.controller.start()
         if self.kube is not None:
@@ -206,6 +219,7 @@ class TokenpoolsServer:
         await self.state.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.metrics.stop()
 
     async def _tick_loop(self) -> None:
         engine, gw = self.engine, self.gateway
@@ -300,19 +314,22 @@ def _run(coro) -> None:
 @click.option("--identity-metadata", default=None, metavar="NAMESPACE[:KEY]", help="Trusted Envoy dynamic metadata naming the entitlement (KEY defaults to 'entitlement').")
 @click.option("--watch/--no-watch", "watch_config", default=True, show_default=True, help="Apply changes to --config as they are saved (and on SIGHUP); an invalid change is refused and the running config kept.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="json", show_default=True, type=click.Choice(["json", "console"]), help="json: one JSON object per line (timestamp, level, logger, event, rid, ...); console: for people.")
+@click.option("--otlp-endpoint", default=None, envvar="OTEL_EXPORTER_OTLP_ENDPOINT", metavar="URL", help="Also push metrics with OTLP/gRPC to URL (e.g. http://otel-collector:4317). Env: OTEL_EXPORTER_OTLP_ENDPOINT.")
+@click.option("--metrics-max-entitlements", default=100, show_default=True, type=click.IntRange(min=0), help="Distinct entitlement label values in metrics (the first N seen); the others are labelled 'other'.")
+@click.option("--metrics-entitlement", "metrics_entitlements", multiple=True, metavar="NAME", help="Label only these entitlements by name in metrics (the others: 'other'). Repeatable; overrides --metrics-max-entitlements.")
 @click.option("--state", "state_url", default="memory", show_default=True, envvar="TOKENPOOLS_STATE", metavar="memory|redis://HOST:PORT/DB", help="Where pool state lives: memory (this replica holds whole pools) or Redis, shared with other replicas (options in the URL: docs/state.md). Env: TOKENPOOLS_STATE.")
 def serve_command(
     config_path, kube_namespace, host, ext_proc_port, status_port, scaler_port, backends, control_period,
     scale_down_delay, scale_down_band, burst_cap, usage_window, max_body_bytes, identity_header, identity_metadata,
-    log_level, state_url, watch_config,
+    log_level, state_url, watch_config, log_format, otlp_endpoint, metrics_max_entitlements, metrics_entitlements,
 ) -> None:  # fmt: skip
     """Run the ext_proc server (gRPC), the KEDA external scaler (gRPC) and the status endpoint (HTTP)."""
-    import logging
-
     from .scaler.backends import parse_backend_option
     from .stack import default_config_path
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, log_level.upper())))
+    configure_logging(log_level, log_format)
+    telemetry = TelemetryOptions(metrics_max_entitlements, tuple(metrics_entitlements), otlp_endpoint or None)
 
     kube = None
     if kube_namespace:
@@ -374,6 +391,7 @@ def serve_command(
             state=state,
             config_path=None if kube else path,
             watch_config=watch_config,
+            telemetry=telemetry,
         )
     )
 

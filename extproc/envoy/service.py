@@ -29,6 +29,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 import structlog
@@ -40,6 +41,9 @@ from envoy.type.v3 import http_status_pb2
 from ..config import Config
 from ..config.documents import ServiceClass
 from ..engine.decisions import Decision, Events, Reason, Verdict
+from ..telemetry import Recorder
+from ..telemetry import logs as tlogs
+from ..telemetry.recorder import NONE
 from . import errors
 from .errors import Reply
 from .identity import KeyMap, TrustedSource, bearer_key, trusted_entitlement
@@ -159,6 +163,7 @@ class Gateway:
         max_body_bytes: int = DEFAULT_MAX_BODY,
         trusted: TrustedSource | None = None,
         estimator: TokenEstimator | None = None,
+        telemetry: Recorder | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -170,6 +175,7 @@ class Gateway:
         self.live: dict[str, Exchange] = {}  # request id -> exchange (registered from admit to settle)
         self.in_flight: Counter[str] = Counter()  # admitted and not yet settled, per entitlement
         self.stats = AdapterStats()
+        self.telemetry = telemetry if telemetry is not None else Recorder()  # metrics: extproc/telemetry
 
     # Engine events: queued requests admitted or given up, in-flight ones evicted.
     def dispatch(self, events: Events | None) -> None:
@@ -241,6 +247,8 @@ class Exchange:
         self.sent_response_headers = False
         self.progress_sent = 0
         self.req_kind = ""
+        self.who: tuple[str, str] | None = None  # (class, entitlement label) for metrics, set at the decision
+        self.queued_at = 0.0
         self._expiry: asyncio.TimerHandle | None = None
 
     # -- plumbing --
@@ -252,6 +260,17 @@ class Exchange:
         self.gw.stats.refusals[f"{reply.status}:{reply.code}"] += 1
         log.debug("reply", status=reply.status, code=reply.code, rid=self.rid, entitlement=self.entitlement)
         return [_immediate(reply)]
+
+    def _refusal(self, reason: Reason | None, retry_after: float | None) -> Reply:
+        """The reply to an engine refusal (reject, queue give-up, eviction), logged once at info."""
+        reply = errors.for_reason(reason, retry_after, self.gw.concurrency_limit(self.entitlement))
+        secs = reply.headers.get("retry-after")  # what the client is told, whole seconds
+        log.info("rejected", rid=self.rid, entitlement=self.entitlement, reason=reply.code, status=reply.status,
+                 retry_after=int(secs) if secs is not None else None)  # fmt: skip
+        return reply
+
+    def _dequeued(self, result: str, reason: str) -> None:
+        self.gw.telemetry.dequeued(self.who, result, reason, perf_counter() - self.queued_at)
 
     # -- dispatch --
     def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -274,17 +293,20 @@ class Exchange:
         kind, arg = item
         if kind == "admitted" and self.state == "queued":
             self._cancel_expiry()
+            self._dequeued("admit", NONE)
             return self.forward()
         if kind == "rejected" and self.state == "queued":
             self._cancel_expiry()
             self.settled = True  # the engine already dropped it from the queue
             self.unregister()
             d: Decision = arg
-            return self._reply(errors.for_reason(d.reason, d.retry_after, self.gw.concurrency_limit(self.entitlement)))
+            self._dequeued("reject", d.reason.value if d.reason is not None else NONE)
+            return self._reply(self._refusal(d.reason, d.retry_after))
         if kind == "expire" and self.state == "queued":
             # Safety net: the engine should have answered by now. Give up on our own.
+            self._dequeued("reject", Reason.QUEUE_TIMEOUT.value)
             self.settle()
-            return self._reply(errors.for_reason(Reason.QUEUE_TIMEOUT, 1.0, self.gw.concurrency_limit(self.entitlement)))
+            return self._reply(self._refusal(Reason.QUEUE_TIMEOUT, 1.0))
         if kind == "evict" and self.evicted and not self.done:
             return self.on_evict()
         return []
@@ -363,6 +385,7 @@ class Exchange:
 
     def decide(self) -> list[pb.ProcessingResponse]:
         gw = self.gw
+        t0 = perf_counter()
         try:
             req = parse(self.req_kind, bytes(self.body))
         except BadRequest as exc:
@@ -383,15 +406,22 @@ class Exchange:
         gw.live[self.rid] = self
         decision = gw.engine.admit(self.rid, self.entitlement, self.estimate.tokens, req.output_budget, gw.clock())
         self.decision = decision
-        if decision.would is not None:  # shadow mode: enforcement would have queued or rejected it
-            gw.stats.shadow[f"{decision.would.value}:{decision.reason.value}"] += 1
-            log.info("shadow", would=decision.would.value, reason=decision.reason.value, rid=self.rid, entitlement=self.entitlement)
+        verdict, why = decision.verdict.value, decision.reason.value if decision.reason is not None else NONE
+        if decision.would is not None:  # shadow mode: admitted, but enforcement would have queued or rejected it
+            verdict = f"shadow_{decision.would.value}"
+            gw.stats.shadow[f"{decision.would.value}:{why}"] += 1
+            log.info("shadow", would=decision.would.value, reason=why, rid=self.rid, entitlement=self.entitlement)
+        self.who = gw.telemetry.who(self.entitlement, spec.qos.service_class.value)
+        gw.telemetry.decided(self.who, verdict, why, perf_counter() - t0)
+        if tlogs.DECISIONS:
+            log.debug("decision", rid=self.rid, entitlement=self.entitlement, result=verdict, reason=why)
         if decision.evict:
             gw.evict(decision.evict)
         if decision.verdict is Verdict.ADMIT:
             return self.forward()
         if decision.verdict is Verdict.QUEUE:
             self.state = "queued"
+            self.queued_at = perf_counter()
             gw.stats.queued += 1
             deadline = decision.deadline if decision.deadline is not None else gw.clock() + 60.0
             delay = max(0.0, deadline - gw.clock()) + QUEUE_GRACE_S
@@ -399,9 +429,7 @@ class Exchange:
             return []
         self.settled = True  # rejected: the engine holds nothing for it
         self.unregister()
-        return self._reply(
-            errors.for_reason(decision.reason, decision.retry_after, gw.concurrency_limit(self.entitlement))
-        )
+        return self._reply(self._refusal(decision.reason, decision.retry_after))
 
     def forward(self) -> list[pb.ProcessingResponse]:
         gw = self.gw
@@ -482,7 +510,9 @@ class Exchange:
     def on_evict(self) -> list[pb.ProcessingResponse]:
         """The engine took the capacity back (reservation already released): end the request now."""
         self.gw.stats.evicted += 1
-        reply = errors.for_reason(Reason.EVICTED, 1.0, self.gw.concurrency_limit(self.entitlement))
+        if self.who is not None:
+            self.gw.telemetry.evicted(self.who)
+        reply = self._refusal(Reason.EVICTED, 1.0)
         out: list[pb.ProcessingResponse] = []
         if self.sent_response_headers and self.meter is not None and self.meter.sse:
             # The client already has a 200 and part of a stream: tell it why the stream stops here.
@@ -518,6 +548,7 @@ class Exchange:
             st.output_tokens += out
             if self.estimate is not None and self.req is not None:
                 gw.estimator.observe(self.req.model, self.estimate, inp)
+                gw.telemetry.settled(self.who, self.req.model, self.estimate.tokens, inp, out)
         else:
             events = gw.engine.release(self.rid, now)
             gw.stats.released += 1
