@@ -110,7 +110,8 @@ class TokenpoolsServer:
                 self._watcher = ConfigWatcher(config_path, self.reload, self.config_state)
         self._watch_task: asyncio.Task | None = None
         self.metrics = Metrics(
-            recorder, self.engine, clock, self.controller, lambda: self.gateway.stats.refusals, telemetry
+            recorder, self.engine, clock, self.controller, lambda: self.gateway.stats.refusals, telemetry,
+            config_state=self.config_state,
         )
         self._grpc: grpc.aio.Server | None = None
         self._scaler: grpc.aio.Server | None = None

@@ -88,8 +88,10 @@ class Metrics:
         controller: Any = None,
         refusals: Callable[[], dict[str, int]] | None = None,
         options: TelemetryOptions | None = None,
+        config_state: Any = None,
     ) -> None:
         self.recorder = recorder
+        self.config_state = config_state  # extproc.reload.ConfigState: config reloads applied / refused
         self.engine = engine
         self.clock = clock
         self.controller = controller
@@ -124,6 +126,7 @@ class Metrics:
             "input_tokens": (partial(self._tokens, recorder.input_tokens), "Input tokens of finished requests (usage, else estimate)."),
             "output_tokens": (partial(self._tokens, recorder.output_tokens), "Output tokens of finished requests (reconciled)."),
             "refusals": (self._refusals, "Immediate error replies from the adapter, by HTTP status and OpenAI error code."),
+            "config_reloads": (self._reloads, "Config changes applied (result=ok) or refused, the old config kept (result=error)."),
         }  # fmt: skip
         for name, (callback, description) in counters.items():
             meter.create_observable_counter(PREFIX + name, [callback], description=description)
@@ -148,6 +151,12 @@ class Metrics:
             status, _, code = key.partition(":")
             out.append(Observation(n, {"status": status, "code": code}))
         return out
+
+    def _reloads(self, options: CallbackOptions) -> Iterable[Observation]:
+        st = self.config_state
+        if st is None:
+            return []
+        return [Observation(st.reloads_ok, {"result": "ok"}), Observation(st.reloads_failed, {"result": "error"})]
 
     def _gauge(self, name: str, options: CallbackOptions) -> Iterable[Observation]:
         return self._gauges[name]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.app import TokenpoolsServer
 from extproc.config import load_file
@@ -109,6 +110,17 @@ def test_bad_reload_keeps_old_config(tmp_path: Path):
             doc = await until(lambda d: d["config"]["reloads"]["error"] == 3)
             assert "key-g" not in doc["config"]["last_error"]  # never a key in an error message
             assert server.gateway.keys.lookup("key-x") == "x"  # the old key map still answers
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.status_port)
+            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            text = (await reader.read()).split(b"\r\n\r\n", 1)[1].decode()
+            writer.close()
+            reloads = {
+                s.labels["result"]: s.value
+                for fam in text_string_to_metric_families(text) if fam.name == "tokenpools_config_reloads"
+                for s in fam.samples if s.name.endswith("_total")
+            }  # fmt: skip
+            assert reloads == {"ok": 0, "error": 3}, reloads
 
             path.write_text(render(spot_ceiling=2, with_x=False))  # valid: applied, the error clears
             doc = await until(lambda d: d["config"]["generation"] == 2)
