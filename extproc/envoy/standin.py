@@ -10,6 +10,7 @@ them through Envoy):
   x-test-first-byte-delay-ms: D   wait D ms before sending anything (status and headers included)
   x-test-reset: headers   drop the connection before sending a status line (reset before the first byte)
   x-test-stall-after: K   streaming: after K tokens send nothing more for 60 s (a hung upstream)
+  x-test-error-after: K   streaming: after K tokens an SSE error event (as vLLM sends mid-stream), then [DONE]
   x-test-garbage: 1       streaming: interleave events that are not valid OpenAI chunks (bad JSON, arrays,
                           binary bytes, wrong types); non-streaming: a 200 body that is not JSON
   x-test-unterminated: 1  streaming: no `data: [DONE]`, and the last event lacks its closing blank line
@@ -108,6 +109,7 @@ async def _respond(request: web.Request, body: dict, rec: dict) -> web.StreamRes
     delay = float(h.get("x-test-delay-ms", DEFAULT_DELAY_MS)) / 1000
     cut = int(h["x-test-cut-after"]) if "x-test-cut-after" in h else None
     stall = int(h["x-test-stall-after"]) if "x-test-stall-after" in h else None
+    error_after = int(h["x-test-error-after"]) if "x-test-error-after" in h else None
     unterminated = h.get("x-test-unterminated") == "1"
     model = body.get("model", "?")
     chat = request.path.endswith("/chat/completions")
@@ -155,6 +157,12 @@ async def _respond(request: web.Request, body: dict, rec: dict) -> web.StreamRes
         if cut is not None and i >= cut:
             rec["outcome"] = "cut"
             request.transport.close()  # abrupt: no terminating chunk
+            return resp
+        if error_after is not None and i >= error_after:
+            err = {"error": {"message": "injected mid-stream failure", "type": "server_error", "code": 500}}
+            await resp.write(b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
+            await resp.write_eof()
+            rec["outcome"] = "error event"
             return resp
         if stall is not None and i >= stall:
             rec["outcome"] = "stalled"
