@@ -8,6 +8,7 @@ Status codes (DESIGN.md §6):
 - 404 invalid_request_error: unknown model (model_not_found) or unknown path (unknown_url).
 - 405: a metered endpoint called with a method other than POST.
 - 413 invalid_request_error / request_too_large: body over the server's --max-body-bytes.
+- 415 invalid_request_error / unsupported_content_encoding: a compressed request body (gzip, br, ...).
 - 400 invalid_request_error / over_kv: prompt + max_tokens larger than the pool's or the entitlement's whole KV
   (the engine says so with OVER_KV and no retry time): waiting cannot help, so not a 429.
 - 429 rate_limit_exceeded: every per-entitlement or pool-contention reason, queue full, queue timeout, eviction.
@@ -158,6 +159,18 @@ def too_large(size: int, limit: int) -> Reply:
         "request_too_large",
         f"Request body is {size} bytes; the limit is {limit} bytes.",
         details="tokenpools_request_too_large",
+    )
+
+
+def unsupported_encoding(encoding: str) -> Reply:
+    """A compressed request body (Content-Encoding other than identity): we would have to inflate untrusted
+    input to meter it (a decompression bomb), and vLLM does not accept compressed bodies either."""
+    return Reply(
+        415,
+        "invalid_request_error",
+        "unsupported_content_encoding",
+        f"Content-Encoding {encoding[:40]!r} is not supported for request bodies; send the JSON uncompressed.",
+        details="tokenpools_unsupported_encoding",
     )
 
 

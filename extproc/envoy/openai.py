@@ -31,6 +31,9 @@ MAX_TOKENS_FIELDS = {
     "embeddings": (),
 }
 INJECT_FIELD = {"chat": "max_tokens", "completions": "max_tokens", "responses": "max_output_tokens"}
+# Deepest nesting accepted (the body object is level 1). orjson parses up to 1024 levels but serialises only up
+# to 254, and we re-serialise bodies we rewrite: anything deeper is refused up front as invalid_json.
+MAX_DEPTH = 128
 # Image inputs cost tokens we cannot see from bytes; a fixed guess (a 336 px tile in LLaVA-style encoders).
 IMAGE_TOKENS = 576
 
@@ -75,6 +78,21 @@ class OpenAIRequest:
         return self.stream and self.kind in ("chat", "completions") and not self.client_wants_usage
 
 
+def _too_deep(raw: bytes, body: dict[str, Any]) -> bool:
+    """Is any value nested deeper than MAX_DEPTH? Walks the document only when the raw bytes hold enough
+    brackets for that to be possible (brackets inside strings count too, so this is only a pre-check)."""
+    if raw.count(b"[") + raw.count(b"{") < MAX_DEPTH:
+        return False
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
+    return False
+
+
 def _text_len(value: Any) -> int:
     return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
 
@@ -100,6 +118,8 @@ def parse(kind: str, raw: bytes) -> OpenAIRequest:
         raise BadRequest(f"Request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object.", "invalid_json")
+    if _too_deep(raw, body):
+        raise BadRequest(f"Request body is nested more than {MAX_DEPTH} levels deep.", "invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a non-empty string.", "missing_model")

@@ -340,6 +340,9 @@ class Exchange:
             return self._reply(errors.unknown_url(method, ep))
         if method != "POST":
             return self._reply(errors.method_not_allowed(method, ep))
+        encoding = self.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            return self._reply(errors.unsupported_encoding(encoding))
         length = self.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.gw.max_body_bytes:
             self.too_large = int(length)
@@ -424,7 +427,10 @@ class Exchange:
             self.queued_at = perf_counter()
             gw.stats.queued += 1
             deadline = decision.deadline if decision.deadline is not None else gw.clock() + 60.0
-            delay = max(0.0, deadline - gw.clock()) + QUEUE_GRACE_S
+            # Never longer than the pool's queue timeout: after a wall clock stepped back the engine holds its
+            # time (deadline − clock() would be the timeout plus the step), and this net must still fire.
+            timeout = gw.engine.pool_spec(pool).queue.timeout_seconds
+            delay = max(0.0, min(deadline - gw.clock(), timeout)) + QUEUE_GRACE_S
             self._expiry = asyncio.get_running_loop().call_later(delay, self.signal, ("expire", None))
             return []
         self.settled = True  # rejected: the engine holds nothing for it

@@ -7,6 +7,13 @@ them through Envoy):
   x-test-delay-ms: D      delay before each token (default: --token-delay-ms)
   x-test-status: S        answer status S at once with an OpenAI error body (e.g. 500, 429)
   x-test-cut-after: K     streaming: drop the connection after K tokens (a mid-stream upstream failure)
+  x-test-first-byte-delay-ms: D   wait D ms before sending anything (status and headers included)
+  x-test-reset: headers   drop the connection before sending a status line (reset before the first byte)
+  x-test-stall-after: K   streaming: after K tokens send nothing more for 60 s (a hung upstream)
+  x-test-error-after: K   streaming: after K tokens an SSE error event (as vLLM sends mid-stream), then [DONE]
+  x-test-garbage: 1       streaming: interleave events that are not valid OpenAI chunks (bad JSON, arrays,
+                          binary bytes, wrong types); non-streaming: a 200 body that is not JSON
+  x-test-unterminated: 1  streaming: no `data: [DONE]`, and the last event lacks its closing blank line
   x-test-id: ID           recorded with the request, for GET /_requests?id=ID
 Usage is reported like vLLM/OpenAI: `usage` in JSON bodies; in streams only with stream_options.include_usage,
 as a final `choices: []` chunk, with `"usage": null` on the other chunks (as OpenAI does).
@@ -52,6 +59,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         "id": request.headers.get("x-test-id"),
         "path": request.path,
         "headers": {k.lower(): v for k, v in request.headers.items()},
+        "header_list": [[k.lower(), v] for k, v in request.headers.items()],  # repeated headers kept
         "body": body,
         "body_bytes": len(raw),
         "outcome": "started",
@@ -71,8 +79,27 @@ async def handle(request: web.Request) -> web.StreamResponse:
         STATS["active"] -= 1
 
 
+# Events no OpenAI server sends: each must pass to the client untouched and count no tokens.
+GARBAGE_EVENTS = (
+    b"data: {not json\n\n",
+    b"data: [1, 2, 3]\n\n",
+    b": a comment line\n\n",
+    b"data: \xff\xfe\x00 binary\n\n",
+    b'event: odd\ndata: "a string"\n\n',
+    b'data: {"choices": "not a list"}\n\n',
+    b'data: {"choices": [{"delta": "not an object"}, 7]}\n\n',
+    b'data: {"usage": {"prompt_tokens": -5, "completion_tokens": "many"}, "choices": [{"delta": {}}]}\n\n',
+)
+
+
 async def _respond(request: web.Request, body: dict, rec: dict) -> web.StreamResponse:
     h = request.headers
+    if "x-test-first-byte-delay-ms" in h:
+        await asyncio.sleep(float(h["x-test-first-byte-delay-ms"]) / 1000)
+    if h.get("x-test-reset") == "headers":
+        rec["outcome"] = "reset"
+        request.transport.close()  # nothing sent: Envoy sees a reset before the response headers
+        raise ConnectionResetError("x-test-reset")
     if "x-test-status" in h:
         status = int(h["x-test-status"])
         rec["outcome"] = f"status {status}"
@@ -81,6 +108,9 @@ async def _respond(request: web.Request, body: dict, rec: dict) -> web.StreamRes
     n = int(h.get("x-test-tokens", body.get("max_tokens") or body.get("max_completion_tokens") or 8))
     delay = float(h.get("x-test-delay-ms", DEFAULT_DELAY_MS)) / 1000
     cut = int(h["x-test-cut-after"]) if "x-test-cut-after" in h else None
+    stall = int(h["x-test-stall-after"]) if "x-test-stall-after" in h else None
+    error_after = int(h["x-test-error-after"]) if "x-test-error-after" in h else None
+    unterminated = h.get("x-test-unterminated") == "1"
     model = body.get("model", "?")
     chat = request.path.endswith("/chat/completions")
     pt = _prompt_tokens(body)
@@ -92,6 +122,11 @@ async def _respond(request: web.Request, body: dict, rec: dict) -> web.StreamRes
             {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}], "model": model,
              "usage": {"prompt_tokens": pt, "total_tokens": pt}}
         )
+    garbage = h.get("x-test-garbage") == "1"
+    if not body.get("stream") and garbage:
+        rec["outcome"] = "completed"
+        STATS["completed"] += 1
+        return web.Response(body=b"<html>not json \xff</html>", content_type="application/json")
     if not body.get("stream"):
         for _ in range(n):
             if delay:
@@ -123,14 +158,27 @@ async def _respond(request: web.Request, body: dict, rec: dict) -> web.StreamRes
             rec["outcome"] = "cut"
             request.transport.close()  # abrupt: no terminating chunk
             return resp
+        if error_after is not None and i >= error_after:
+            err = {"error": {"message": "injected mid-stream failure", "type": "server_error", "code": 500}}
+            await resp.write(b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
+            await resp.write_eof()
+            rec["outcome"] = "error event"
+            return resp
+        if stall is not None and i >= stall:
+            rec["outcome"] = "stalled"
+            await asyncio.sleep(60)
+        if garbage:
+            await resp.write(GARBAGE_EVENTS[i % len(GARBAGE_EVENTS)])
         piece = {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None} if chat else {
             "index": 0, "text": f"t{i} ", "finish_reason": None}
         await resp.write(chunk([piece]))
     last = {"index": 0, "delta": {}, "finish_reason": "length"} if chat else {"index": 0, "text": "", "finish_reason": "length"}
-    await resp.write(chunk([last]))
+    tail = chunk([last])
+    await resp.write(tail[:-2] if unterminated and not include_usage else tail)
     if include_usage:
-        await resp.write(chunk([], usage))
-    await resp.write(b"data: [DONE]\n\n")
+        await resp.write(chunk([], usage)[:-2] if unterminated else chunk([], usage))
+    if not unterminated:
+        await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     rec["outcome"] = "completed"
     STATS["completed"] += 1
