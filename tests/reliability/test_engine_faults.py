@@ -1,11 +1,6 @@
-"""Engine-level faults (no adapter): what the pure engine does when a pool loses and regains all its replicas.
-
-Findings the engine owner has to decide on are xfail(strict=True): they turn into failures once fixed.
-"""
+"""Engine-level faults (no adapter): what the pure engine does when a pool loses and regains all its replicas."""
 
 from __future__ import annotations
-
-import pytest
 
 from extproc.config import load_text
 from extproc.engine import Engine, Verdict
@@ -46,12 +41,6 @@ def test_pool_to_zero_and_back_keeps_the_books():
     assert not e.inflight and not e.waiting and e.reserved_total == e.released_total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine finding: a pool back from zero replicas refills its surplus bucket at once, but an "
-    "entitlement's own bucket stays at the level it had at zero capacity (depth 0), so the first guaranteed "
-    "request after a scale-from-zero waits cost/rate seconds (here ~1.1 s) on an idle pool",
-)
 def test_guaranteed_request_is_admitted_at_once_after_the_pool_returns_from_zero():
     e = Engine(load_text(CONFIG), 0.0)
     e.tick(5.0)  # a full bucket
