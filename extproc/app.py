@@ -1,8 +1,8 @@
 """`tokenpools serve`: the ext_proc gRPC server, the status endpoint, and the timer that drives the engine.
 
 One asyncio loop owns everything: the engine is pure and single-threaded, every gRPC stream handler and the
-ticker run on the same loop, so no locks are needed. Time passed to the engine is wall-clock seconds
-(`time.time()`), the same clock the config's `expiresAt` is written in.
+ticker run on the same loop, so no locks are needed. Time passed to the engine is Unix seconds (the clock the
+config's `expiresAt` is written in) that never step backwards: see wall_clock_from_monotonic().
 
     ext_proc gRPC   HOST:9002   envoy.service.ext_proc.v3.ExternalProcessor/Process, grpc.health.v1.Health/Check
     status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /status/scaler,
@@ -44,6 +44,14 @@ from .state import MemoryStore, StateStore, open_store, run_store  # shared stat
 from .telemetry import configure_logging
 from .telemetry.metrics import Metrics, TelemetryOptions  # metrics and logging (issue 9)
 
+def wall_clock_from_monotonic() -> Callable[[], float]:
+    """Unix seconds that never step: the wall clock read once at start, advanced by the monotonic clock. A wall
+    clock stepped back (NTP, an operator) would otherwise stall the engine's buckets until it caught up (the
+    engine holds its time); the price is that `expiresAt` is off by the size of any step since the start."""
+    offset = time.time() - time.monotonic()
+    return lambda: time.monotonic() + offset
+
+
 TICK_MAX_S = 0.1  # the engine is ticked at its next_wakeup(), and at least this often
 
 _GRPC_OPTIONS = [
@@ -70,7 +78,7 @@ class TokenpoolsServer:
         status_port: int = 9464,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         trusted: TrustedSource | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         engine: Engine | None = None,
         scaler_port: int | None = None,
         controller: ControllerOptions | None = None,
@@ -85,7 +93,7 @@ class TokenpoolsServer:
         self.ext_proc_port = ext_proc_port
         self.status_port = status_port
         self.scaler_port = scaler_port  # None: no KEDA scaler
-        self.clock = clock
+        self.clock = clock = clock or wall_clock_from_monotonic()
         self.engine = engine if engine is not None else Engine(config, clock())
         telemetry = telemetry or TelemetryOptions()
         recorder = telemetry.recorder()
