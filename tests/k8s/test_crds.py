@@ -47,6 +47,8 @@ def _compare(t, schema: dict, where: str) -> None:
         assert schema["type"] == "number", where
     elif isinstance(t, mi.StrType):
         assert schema["type"] == "string", where
+    elif isinstance(t, mi.BoolType):
+        assert schema["type"] == "boolean", where
     elif isinstance(t, mi.EnumType):
         assert schema["type"] == "string" and set(schema["enum"]) == {m.value for m in t.cls}, where
     elif isinstance(t, mi.LiteralType):
