@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+import grpc
 import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -247,6 +248,7 @@ class Exchange:
         self.sent_response_headers = False
         self.progress_sent = 0
         self.req_kind = ""
+        self.preemptible = False  # admitted preemptible work may be evicted: its stream listens for that
         self.who: tuple[str, str] | None = None  # (class, entitlement label) for metrics, set at the decision
         self.queued_at = 0.0
         self._expiry: asyncio.TimerHandle | None = None
@@ -271,6 +273,10 @@ class Exchange:
 
     def _dequeued(self, result: str, reason: str) -> None:
         self.gw.telemetry.dequeued(self.who, result, reason, perf_counter() - self.queued_at)
+
+    def listening(self) -> bool:
+        """Can an engine event arrive before the next message (queued; preemptible work in flight)?"""
+        return self.state == "queued" or (self.preemptible and self.admitted and not self.settled)
 
     # -- dispatch --
     def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -404,6 +410,7 @@ class Exchange:
             reply.message = f"The model {req.model!r} is not available to your entitlement."
             return self._reply(reply)
         self.req = req
+        self.preemptible = spec.qos.service_class is ServiceClass.PREEMPTIBLE
         self.estimate = gw.estimator.estimate(req)
         self.rid = uuid.uuid4().hex
         gw.live[self.rid] = self
@@ -576,42 +583,53 @@ class Exchange:
             self._expiry = None
 
 
-_EOF = object()
-
-
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
 
     async def Process(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        """Read a message only when the exchange needs one, and wait on engine events only while one can come.
+
+        So a stream that ends normally has no read pending when we return: grpc.aio leaks native memory for
+        every call torn down with a read in flight or whose awaiting task is cancelled (grpc/grpc#43360), and
+        Envoy resets the stream right after our last response. Only a queued or preemptible exchange that ends
+        by an engine event (429 from the queue, eviction) still leaves a read behind."""
         gw = self.gw
         gw.stats.streams += 1
         inbox: asyncio.Queue = asyncio.Queue()
         ex = Exchange(gw, inbox)
-
-        async def pump() -> None:
-            try:
-                async for msg in request_iterator:
-                    inbox.put_nowait(msg)
-            except (asyncio.CancelledError, Exception):  # stream torn down: the handler sees EOF
-                pass
-            finally:
-                inbox.put_nowait(_EOF)
-
-        reader = asyncio.create_task(pump())
+        read: asyncio.Future | None = None  # the next message, when asked for while also waiting on the inbox
         try:
             while not ex.done:
-                item = await inbox.get()
-                if item is _EOF:
-                    break
-                if isinstance(item, tuple):
-                    responses = ex.handle_signal(item)
+                if not inbox.empty():
+                    responses = ex.handle_signal(inbox.get_nowait())
                 else:
-                    responses = ex.handle(item)
+                    if ex.listening():
+                        if read is None:
+                            read = asyncio.ensure_future(context.read())
+                        event = asyncio.ensure_future(inbox.get())
+                        await asyncio.wait((read, event), return_when=asyncio.FIRST_COMPLETED)
+                        if event.done():  # (a message that came at the same time is kept in `read`)
+                            responses = ex.handle_signal(event.result())
+                            for resp in responses:
+                                await context.write(resp)
+                            continue
+                        event.cancel()
+                    try:
+                        if read is not None:
+                            msg, read = await read, None
+                        else:
+                            msg = await context.read()
+                    except Exception:  # the stream was torn down under the read: as EOF
+                        break
+                    if msg is grpc.aio.EOF:
+                        break
+                    responses = ex.handle(msg)
                 for resp in responses:
                     await context.write(resp)
         finally:
-            reader.cancel()
+            if read is not None and not read.done():
+                read.cancel()
             # Client abort, upstream reset, server shutdown or an error above: give the reservation back.
             try:
                 ex.settle()
