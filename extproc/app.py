@@ -6,7 +6,8 @@ ticker run on the same loop, so no locks are needed. Time passed to the engine i
 
     ext_proc gRPC   HOST:9002   envoy.service.ext_proc.v3.ExternalProcessor/Process, grpc.health.v1.Health/Check
     status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /status/scaler,
-                                GET /status/state (shared state: mode, shares, leases), GET /healthz
+                                GET /status/state (shared state: mode, shares, leases), GET /status/invariants
+                                (engine.check_invariants: 200 ok / 500 with the failed check), GET /healthz
     KEDA scaler     HOST:9003   externalscaler.ExternalScaler (gRPC), fed by the controller loop (extproc/scaler/)
 
 For tests: `TokenpoolsServer(config, ...)` with `await start()` / `await stop()` (ports 0 pick free ones and are
@@ -127,6 +128,7 @@ class TokenpoolsServer:
         app.router.add_get("/status/adapter", self._adapter_status)
         app.router.add_get("/status/scaler", self._scaler_status)
         app.router.add_get("/status/state", self._state_status)
+        app.router.add_get("/status/invariants", self._invariants)  # the engine's books balance (bench soak)
         app.router.add_get("/healthz", self._healthz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -206,6 +208,13 @@ class TokenpoolsServer:
 
     async def _state_status(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.state.status()), content_type="application/json")
+
+    async def _invariants(self, request: web.Request) -> web.Response:
+        try:
+            self.engine.check_invariants()
+        except AssertionError as exc:
+            return web.json_response({"ok": False, "error": str(exc) or "AssertionError"}, status=500)
+        return web.json_response({"ok": True})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n" if self.health.serving else "draining\n", status=200 if self.health.serving else 503)
