@@ -72,9 +72,12 @@ class TokenpoolsServer:
         controller: ControllerOptions | None = None,
         kube=None,
         state: StateStore | None = None,
+        tls: grpc.ServerCredentials | None = None,  # both gRPC servers (extproc/tls.py); None: plaintext
+        status_host: str = "127.0.0.1",  # status HTTP: loopback unless asked (it names tenants and usage)
     ) -> None:
         self.config = config
         self.host = host
+        self.tls, self.status_host = tls, status_host
         self.ext_proc_port = ext_proc_port
         self.status_port = status_port
         self.scaler_port = scaler_port  # None: no KEDA scaler
@@ -104,7 +107,7 @@ class TokenpoolsServer:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.gateway), server)
         server.add_generic_rpc_handlers((self.health.handler(),))
-        port = server.add_insecure_port(f"{self.host}:{self.ext_proc_port}")
+        port = self._bind(server, self.ext_proc_port)
         if not port:
             raise OSError(f"cannot bind ext_proc gRPC on {self.host}:{self.ext_proc_port}")
         self.ext_proc_port = port
@@ -116,7 +119,7 @@ class TokenpoolsServer:
 
             scaler = grpc.aio.server(options=_SCALER_OPTIONS)
             add_to_server(self.controller, scaler)
-            port = scaler.add_insecure_port(f"{self.host}:{self.scaler_port}")
+            port = self._bind(scaler, self.scaler_port)
             if not port:
                 raise OSError(f"cannot bind the KEDA scaler gRPC on {self.host}:{self.scaler_port}")
             self.scaler_port = port
@@ -132,7 +135,7 @@ class TokenpoolsServer:
         app.router.add_get("/healthz", self._healthz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.status_port, reuse_port=False)
+        site = web.TCPSite(self._runner, self.status_host, self.status_port, reuse_port=False)
         await site.start()
         self.status_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -141,6 +144,10 @@ class TokenpoolsServer:
             await self.controller.start()
         if self.kube is not None:
             await self.kube.start()
+
+    def _bind(self, server: grpc.aio.Server, port: int) -> int:
+        addr = f"{self.host}:{port}"
+        return server.add_secure_port(addr, self.tls) if self.tls is not None else server.add_insecure_port(addr)
 
     def reload(self, config: Config) -> None:
         """Swap in a new configuration (custom resources changed): the engine keeps requests, debt and counters
@@ -251,7 +258,8 @@ def _run(coro) -> None:
 @click.command("serve")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="TokenPool/TokenEntitlement YAML (default: the packaged Exp 1 demo).")
 @click.option("--kube-namespace", default=None, metavar="NS", help="Read TokenPool/TokenEntitlement custom resources of NS (list/watch) instead of --config, and write their status.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address the servers bind.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the gRPC servers (ext_proc, KEDA scaler) bind.")
+@click.option("--status-host", default="127.0.0.1", show_default=True, help="Address the status HTTP server binds (loopback by default: it shows tenants and usage; 0.0.0.0 only behind a NetworkPolicy).")
 @click.option("--ext-proc-port", default=9002, show_default=True, type=int, help="ext_proc gRPC port (0: any free port).")
 @click.option("--status-port", default=9464, show_default=True, type=int, help="Status HTTP port (0: any free port).")
 @click.option("--scaler-port", default=9003, show_default=True, type=int, help="KEDA external scaler gRPC port (0: any free port).")
@@ -265,11 +273,14 @@ def _run(coro) -> None:
 @click.option("--identity-header", default=None, help="Trusted header naming the entitlement (set by an authn filter in front).")
 @click.option("--identity-metadata", default=None, metavar="NAMESPACE[:KEY]", help="Trusted Envoy dynamic metadata naming the entitlement (KEY defaults to 'entitlement').")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate chain: serve both gRPC servers over TLS (with --tls-key).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
 @click.option("--state", "state_url", default="memory", show_default=True, envvar="TOKENPOOLS_STATE", metavar="memory|redis://HOST:PORT/DB", help="Where pool state lives: memory (this replica holds whole pools) or Redis, shared with other replicas (options in the URL: docs/state.md). Env: TOKENPOOLS_STATE.")
 def serve_command(
     config_path, kube_namespace, host, ext_proc_port, status_port, scaler_port, backends, control_period,
     scale_down_delay, scale_down_band, burst_cap, usage_window, max_body_bytes, identity_header, identity_metadata,
-    log_level, state_url,
+    log_level, state_url, status_host=None, tls_cert=None, tls_key=None, tls_client_ca=None,
 ) -> None:  # fmt: skip
     """Run the ext_proc server (gRPC), the KEDA external scaler (gRPC) and the status endpoint (HTTP)."""
     import logging
@@ -308,6 +319,11 @@ def serve_command(
         state = open_store(state_url)  # shared state (issue 8)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--state") from exc
+    if bool(tls_cert) != bool(tls_key) or (tls_client_ca and not tls_cert):
+        raise click.UsageError("--tls-cert and --tls-key go together; --tls-client-ca needs both")
+    from .tls import server_credentials
+
+    tls = server_credentials(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     trusted = None
     if identity_header or identity_metadata:
         ns, _, key = (identity_metadata or "").partition(":")
@@ -317,10 +333,10 @@ def serve_command(
         click.echo(
             f"tokenpools: ext_proc gRPC on {server.host}:{server.ext_proc_port}, "
             f"KEDA scaler gRPC on {server.host}:{server.scaler_port}, "
-            f"status on http://{server.host}:{server.status_port}/status ({path}: "
+            f"status on http://{server.status_host}:{server.status_port}/status ({path}: "
             f"{len(config.pools)} pools, {len(config.entitlements)} entitlements"
             f"{', backends: ' + ', '.join(f'{p}={len(u)}' for p, u in urls.items()) if urls else ''}"
-            f"; state: {state.kind})",
+            f"; state: {state.kind}{'; gRPC over mutual TLS' if tls_client_ca else '; gRPC over TLS' if tls else ''})",
             err=True,
         )
 
@@ -337,6 +353,8 @@ def serve_command(
             max_body_bytes=max_body_bytes,
             trusted=trusted,
             state=state,
+            tls=tls,
+            status_host=status_host,
         )
     )
 
