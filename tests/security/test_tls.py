@@ -169,3 +169,14 @@ def test_keda_scaler_over_tls_answers_is_active(certs, mutual):
             await server.stop(0.1)
 
     asyncio.run(run())
+
+
+def test_serve_refuses_half_a_tls_configuration(certs):
+    from click.testing import CliRunner
+
+    from extproc.app import serve_command
+
+    for args in (["--tls-cert", str(certs.server_cert)], ["--tls-key", str(certs.server_key)],
+                 ["--tls-client-ca", str(certs.ca)]):  # fmt: skip
+        result = CliRunner().invoke(serve_command, args)
+        assert result.exit_code == 2 and "--tls-cert and --tls-key go together" in result.output, result.output
