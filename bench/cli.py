@@ -37,8 +37,10 @@ def engine(as_json: bool, out: str | None, pairs: int, sizes: str, all_cores: bo
 def _register() -> None:
     """Benchmarks that live in their own modules (imported lazily by the CLI group itself)."""
     from .overhead import overhead
+    from .soak import soak
 
     bench.add_command(overhead)
+    bench.add_command(soak)
 
 
 _register()

@@ -6,8 +6,9 @@ config's `expiresAt` is written in) that never step backwards: see wall_clock_fr
 
     ext_proc gRPC   HOST:9002   envoy.service.ext_proc.v3.ExternalProcessor/Process, grpc.health.v1.Health/Check
     status HTTP     HOST:9464   GET /status (engine snapshot JSON), GET /status/adapter, GET /status/scaler,
-                                GET /status/state (shared state: mode, shares, leases), GET /healthz,
-                                GET /metrics (Prometheus text format; names in docs/telemetry.md)
+                                GET /status/state (shared state: mode, shares, leases), GET /status/invariants
+                                (engine.check_invariants: 200 ok / 500 with the failed check), GET /healthz,
+                                GET /metrics (Prometheus text format; names in docs/telemetry.md), GET / (status page)
     KEDA scaler     HOST:9003   externalscaler.ExternalScaler (gRPC), fed by the controller loop (extproc/scaler/)
 
 For tests: `TokenpoolsServer(config, ...)` with `await start()` / `await stop()` (ports 0 pick free ones and are
@@ -87,9 +88,12 @@ class TokenpoolsServer:
         config_path: str | None = None,
         watch_config: bool = True,
         telemetry: TelemetryOptions | None = None,
+        tls: grpc.ServerCredentials | None = None,  # both gRPC servers (extproc/tls.py); None: plaintext
+        status_host: str = "127.0.0.1",  # status HTTP: loopback unless asked (it names tenants and usage)
     ) -> None:
         self.config = config
         self.host = host
+        self.tls, self.status_host = tls, status_host
         self.ext_proc_port = ext_proc_port
         self.status_port = status_port
         self.scaler_port = scaler_port  # None: no KEDA scaler
@@ -136,7 +140,7 @@ class TokenpoolsServer:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.gateway), server)
         server.add_generic_rpc_handlers((self.health.handler(),))
-        port = server.add_insecure_port(f"{self.host}:{self.ext_proc_port}")
+        port = self._bind(server, self.ext_proc_port)
         if not port:
             raise OSError(f"cannot bind ext_proc gRPC on {self.host}:{self.ext_proc_port}")
         self.ext_proc_port = port
@@ -148,7 +152,7 @@ class TokenpoolsServer:
 
             scaler = grpc.aio.server(options=_SCALER_OPTIONS)
             add_to_server(self.controller, scaler)
-            port = scaler.add_insecure_port(f"{self.host}:{self.scaler_port}")
+            port = self._bind(scaler, self.scaler_port)
             if not port:
                 raise OSError(f"cannot bind the KEDA scaler gRPC on {self.host}:{self.scaler_port}")
             self.scaler_port = port
@@ -160,12 +164,13 @@ class TokenpoolsServer:
         app.router.add_get("/status/adapter", self._adapter_status)
         app.router.add_get("/status/scaler", self._scaler_status)
         app.router.add_get("/status/state", self._state_status)
+        app.router.add_get("/status/invariants", self._invariants)  # the engine's books balance (bench soak)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/", self._page)  # the status page (extproc/ui/status.html)
         app.router.add_get("/metrics", self.metrics.handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.status_port, reuse_port=False)
+        site = web.TCPSite(self._runner, self.status_host, self.status_port, reuse_port=False)
         await site.start()
         self.status_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -191,6 +196,10 @@ class TokenpoolsServer:
             self.config_state.failed(str(exc))
             raise
         self.config_state.succeeded()
+
+    def _bind(self, server: grpc.aio.Server, port: int) -> int:
+        addr = f"{self.host}:{port}"
+        return server.add_secure_port(addr, self.tls) if self.tls is not None else server.add_insecure_port(addr)
 
     def reload(self, config: Config) -> None:
         """Swap in a new configuration (custom resources changed): the engine keeps requests, debt and counters
@@ -273,6 +282,13 @@ class TokenpoolsServer:
 
         return web.Response(body=page_html(), content_type="text/html", headers={"Cache-Control": "no-cache"})
 
+    async def _invariants(self, request: web.Request) -> web.Response:
+        try:
+            self.engine.check_invariants()
+        except AssertionError as exc:
+            return web.json_response({"ok": False, "error": str(exc) or "AssertionError"}, status=500)
+        return web.json_response({"ok": True})
+
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n" if self.health.serving else "draining\n", status=200 if self.health.serving else 503)
 
@@ -308,7 +324,8 @@ def _run(coro) -> None:
 @click.command("serve")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="TokenPool/TokenEntitlement YAML (default: the packaged Exp 1 demo).")
 @click.option("--kube-namespace", default=None, metavar="NS", help="Read TokenPool/TokenEntitlement custom resources of NS (list/watch) instead of --config, and write their status.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address the servers bind.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the gRPC servers (ext_proc, KEDA scaler) bind.")
+@click.option("--status-host", default="127.0.0.1", show_default=True, help="Address the status HTTP server binds (loopback by default: it shows tenants and usage; 0.0.0.0 only behind a NetworkPolicy).")
 @click.option("--ext-proc-port", default=9002, show_default=True, type=int, help="ext_proc gRPC port (0: any free port).")
 @click.option("--status-port", default=9464, show_default=True, type=int, help="Status HTTP port (0: any free port).")
 @click.option("--scaler-port", default=9003, show_default=True, type=int, help="KEDA external scaler gRPC port (0: any free port).")
@@ -327,11 +344,15 @@ def _run(coro) -> None:
 @click.option("--otlp-endpoint", default=None, envvar="OTEL_EXPORTER_OTLP_ENDPOINT", metavar="URL", help="Also push metrics with OTLP/gRPC to URL (e.g. http://otel-collector:4317). Env: OTEL_EXPORTER_OTLP_ENDPOINT.")
 @click.option("--metrics-max-entitlements", default=100, show_default=True, type=click.IntRange(min=0), help="Distinct entitlement label values in metrics (the first N seen); the others are labelled 'other'.")
 @click.option("--metrics-entitlement", "metrics_entitlements", multiple=True, metavar="NAME", help="Label only these entitlements by name in metrics (the others: 'other'). Repeatable; overrides --metrics-max-entitlements.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate chain: serve both gRPC servers over TLS (with --tls-key).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
 @click.option("--state", "state_url", default="memory", show_default=True, envvar="TOKENPOOLS_STATE", metavar="memory|redis://HOST:PORT/DB", help="Where pool state lives: memory (this replica holds whole pools) or Redis, shared with other replicas (options in the URL: docs/state.md). Env: TOKENPOOLS_STATE.")
 def serve_command(
     config_path, kube_namespace, host, ext_proc_port, status_port, scaler_port, backends, control_period,
     scale_down_delay, scale_down_band, burst_cap, usage_window, max_body_bytes, identity_header, identity_metadata,
     log_level, state_url, watch_config, log_format, otlp_endpoint, metrics_max_entitlements, metrics_entitlements,
+    status_host=None, tls_cert=None, tls_key=None, tls_client_ca=None,
 ) -> None:  # fmt: skip
     """Run the ext_proc server (gRPC), the KEDA external scaler (gRPC) and the status endpoint (HTTP)."""
     from .scaler.backends import parse_backend_option
@@ -369,6 +390,11 @@ def serve_command(
         state = open_store(state_url)  # shared state (issue 8)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--state") from exc
+    if bool(tls_cert) != bool(tls_key) or (tls_client_ca and not tls_cert):
+        raise click.UsageError("--tls-cert and --tls-key go together; --tls-client-ca needs both")
+    from .tls import server_credentials
+
+    tls = server_credentials(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     trusted = None
     if identity_header or identity_metadata:
         ns, _, key = (identity_metadata or "").partition(":")
@@ -378,10 +404,10 @@ def serve_command(
         click.echo(
             f"tokenpools: ext_proc gRPC on {server.host}:{server.ext_proc_port}, "
             f"KEDA scaler gRPC on {server.host}:{server.scaler_port}, "
-            f"status on http://{server.host}:{server.status_port}/status ({path}: "
+            f"status on http://{server.status_host}:{server.status_port}/status ({path}: "
             f"{len(config.pools)} pools, {len(config.entitlements)} entitlements"
             f"{', backends: ' + ', '.join(f'{p}={len(u)}' for p, u in urls.items()) if urls else ''}"
-            f"; state: {state.kind})",
+            f"; state: {state.kind}{'; gRPC over mutual TLS' if tls_client_ca else '; gRPC over TLS' if tls else ''})",
             err=True,
         )
 
@@ -401,6 +427,8 @@ def serve_command(
             config_path=None if kube else path,
             watch_config=watch_config,
             telemetry=telemetry,
+            tls=tls,
+            status_host=status_host,
         )
     )
 

