@@ -469,6 +469,8 @@ class Exchange:
         if self.rid:
             set_headers["x-tokenpools-request-id"] = self.rid
         remove = [k for k in self.headers if k.startswith(HEADER_PREFIX) and k not in set_headers]
+        if "authorization" in self.headers:  # the tenant's key ends here: the backend never sees (or logs) it
+            remove.append("authorization")
         return _mutation(set_headers, remove)
 
     # -- response phase --

@@ -64,7 +64,8 @@ async def _admit_and_finish():
     h = set_headers(out[0], "request_headers")
     assert h["x-tokenpools-entitlement"] == "g1" and h["x-tokenpools-class"] == "guaranteed"
     assert h["x-tokenpools-tenant"] == "t1" and len(h["x-tokenpools-request-id"]) == 32
-    assert removed_headers(out[0], "request_headers") == ["x-tokenpools-x"]  # the spoofed one is overwritten
+    # the spoofed one is overwritten, the tenant's key goes no further
+    assert removed_headers(out[0], "request_headers") == ["x-tokenpools-x", "authorization"]
     body, eos = streamed(out[1], "request_body")
     assert eos and orjson.loads(body)["max_tokens"] == 10  # the entitlement default, injected
     assert orjson.loads(body)["stream_options"] == {"include_usage": True}
