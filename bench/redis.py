@@ -37,6 +37,7 @@ import time
 
 import orjson
 
+from extproc.app import freeze_heap
 from extproc.config import from_objects
 from extproc.engine import Engine, Verdict
 from extproc.state.redis_store import RedisStore
@@ -282,6 +283,7 @@ async def _run_mode(mode: str, url: str, entitlements: int, rate: float, seconds
     from redis import asyncio as aioredis
 
     engine = Engine(make_config(entitlements, period=interval), time.time())
+    freeze_heap()  # as `tokenpools serve` does once its engine is built
     names = list(engine.ents)
     ticker = asyncio.create_task(_tick(engine))
     extra: dict = {}

@@ -49,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..engine.decisions import Events
-from .shares import MIN_SHARE, POOL, PRIOR, Observer, PoolObs, merge_priorities_steps, targets_steps
+from .shares import MIN_SHARE, POOL, PRIOR, SLICE, Observer, PoolObs, merge_priorities_steps, targets_steps
 
 log = structlog.get_logger("tokenpools.state")
 
@@ -344,7 +344,7 @@ class RedisStore:
                     named[name] = _pick(grant, po.ents[name].applied)
             events.extend(self._apply(pool, po, share, named, now))
         if prio_raw:
-            events.extend(self._apply_priorities(orjson.loads(prio_raw), now))
+            events.extend(await self._apply_priorities(orjson.loads(prio_raw), now))
         return events
 
     def _apply(
@@ -362,12 +362,13 @@ class RedisStore:
         mono = time.monotonic()
         spacing = 2 * self.engine.pools[pool].spec.control.period_seconds
         small = not urgent and max(moves) < BIG_MOVE
+        defer = not urgent  # applied at the next control period: O(entitlements) once per period, not per sync
         if small and mono - self._applied_at.get(pool, -1e9) < spacing:
             return Events()
         self._applied_at[pool] = mono
-        return self.engine.set_shares(pool, share, named, now, defer=small)
+        return self.engine.set_shares(pool, share, named, now, defer=defer)
 
-    def _apply_priorities(self, doc: dict, now: float) -> Events:
+    async def _apply_priorities(self, doc: dict, now: float) -> Events:
         if doc.get("k") == self._prio_key:
             return Events()
         self._prio_key = doc.get("k")
@@ -376,15 +377,22 @@ class RedisStore:
         for pool, vals in doc.get("v", {}).items():
             if pool not in self.engine.pools:
                 continue
-            # Only what moved; weights follow at the pool's next control period (not a control step per sync).
-            moved = {}
-            for n, (debt, burst) in vals.items():
+            # Only what moved; weights follow at once, allocations at the pool's next control period. In slices
+            # of SLICE entitlements (a weight each), so requests go in between.
+            moved, any_moved = {}, False
+            for i, (n, (debt, burst)) in enumerate(vals.items(), 1):
                 e = ents.get(n)
                 if e is not None and (abs(e.debt - debt) > PRIO_APPLY_EPS or abs(e.burst - burst) > PRIO_APPLY_EPS):
                     moved[n] = (debt, burst)
+                    any_moved = True
+                if len(moved) >= SLICE or (i % SLICE == 0 and moved):
+                    events.extend(self.engine.set_priorities(pool, moved, now, defer=True))
+                    moved = {}
+                if i % SLICE == 0:
+                    await asyncio.sleep(0)
             if moved:
                 events.extend(self.engine.set_priorities(pool, moved, now, defer=True))
-                self.priorities_applied += 1
+            self.priorities_applied += any_moved
         return events
 
     def _fail_static(self, obs: dict[str, PoolObs], now: float, exc: BaseException) -> Events:
