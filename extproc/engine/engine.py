@@ -713,6 +713,9 @@ class Engine:
         """Eq. 2 and 3 from what each entitlement really used over the period (time-averaged)."""
         ctl = p.spec.control
         for e in p.ents:
+            if not (e.active or e.in_flight or e.refused or e.tokens or e.area_kv or e.area_conc or e.burst or e.debt
+                    or e.rate_tps):  # fmt: skip
+                continue  # idle with nothing to measure or decay: every value below would stay as it is
             self._mark(e, now)
             usage = (e.tokens / dt, e.area_kv / dt, e.area_conc / dt)
             e.rate_tps = usage[0]
