@@ -369,6 +369,9 @@ def serve_command(
     from .scaler.backends import parse_backend_option
     from .stack import default_config_path
 
+    if bool(tls_cert) != bool(tls_key) or (tls_client_ca and not tls_cert):
+        raise click.UsageError("--tls-cert and --tls-key go together; --tls-client-ca needs both")
+    # Before anything logs; loggers keep this configuration once used (see configure_logging).
     configure_logging(log_level, log_format)
     telemetry = TelemetryOptions(metrics_max_entitlements, tuple(metrics_entitlements), otlp_endpoint or None)
 
@@ -401,8 +404,6 @@ def serve_command(
         state = open_store(state_url)  # shared state (issue 8)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--state") from exc
-    if bool(tls_cert) != bool(tls_key) or (tls_client_ca and not tls_cert):
-        raise click.UsageError("--tls-cert and --tls-key go together; --tls-client-ca needs both")
     from .tls import server_credentials
 
     tls = server_credentials(tls_cert, tls_key, tls_client_ca) if tls_cert else None
