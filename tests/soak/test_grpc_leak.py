@@ -43,7 +43,7 @@ def test_streams_answered_at_once_do_not_grow_the_server(tmp_path):
     try:
         port = int(server.stdout.readline().split()[1])
 
-        async def run() -> tuple[int, int]:
+        async def run(streams: int, warm_up: int) -> tuple[int, int]:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.ExternalProcessorStub(channel)
 
@@ -53,18 +53,26 @@ def test_streams_answered_at_once_do_not_grow_the_server(tmp_path):
                     await asyncio.wait_for(call.read(), 10)
                     call.cancel()
 
-                warm = 0
-                for i in range(STREAMS // 10):
+                warm = _rss_kib(server.pid)
+                for i in range(streams // 10):
                     await asyncio.gather(*(one() for _ in range(10)))
-                    if (i + 1) * 10 == WARM:
+                    if (i + 1) * 10 == warm_up:
                         await asyncio.sleep(0.2)
                         warm = _rss_kib(server.pid)
                 await asyncio.sleep(0.5)
                 return warm, _rss_kib(server.pid)
 
-        warm, end = asyncio.run(run())
-        per_stream = (end - warm) * 1024 / (STREAMS - WARM)
-        assert per_stream < MAX_BYTES_PER_STREAM, f"{per_stream:.0f} bytes per stream ({warm} -> {end} KiB)"
+        # RSS noise is one-sided (an unrelated allocation only adds): a second measurement on the same, warm
+        # server is allowed before failing. The leak (~115 bytes per stream) fails both.
+        seen = []
+        for streams, warm_up in ((STREAMS, WARM), (STREAMS - WARM, 0)):
+            warm, end = asyncio.run(run(streams, warm_up))
+            per_stream = (end - warm) * 1024 / (streams - warm_up)
+            seen.append(f"{per_stream:.0f} bytes per stream ({warm} -> {end} KiB)")
+            if per_stream < MAX_BYTES_PER_STREAM:
+                break
+        else:
+            raise AssertionError("; ".join(seen))
     finally:
         server.kill()
         server.wait(5)
