@@ -129,6 +129,16 @@ def _header_map(headers: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+# Query parameters clients use for API keys (OpenAI-compatible servers, Azure, Google): never passed upstream.
+_KEY_PARAMS = frozenset({"api_key", "api-key", "apikey", "key", "access_token", "token"})
+
+
+def _without_key_params(path: str) -> str:
+    base, _, query = path.partition("?")
+    kept = [p for p in query.split("&") if p and p.split("=", 1)[0].lower() not in _KEY_PARAMS]
+    return f"{base}?{'&'.join(kept)}" if kept else base
+
+
 def _metadata(req: pb.ProcessingRequest) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
     for ns, struct in req.metadata_context.filter_metadata.items():
@@ -471,6 +481,11 @@ class Exchange:
         remove = [k for k in self.headers if k.startswith(HEADER_PREFIX) and k not in set_headers]
         if "authorization" in self.headers:  # the tenant's key ends here: the backend never sees (or logs) it
             remove.append("authorization")
+        path = self.headers.get(":path", "")
+        if "?" in path:  # nor a key sent in the query string (ignored for identity, but it would be logged upstream)
+            clean = _without_key_params(path)
+            if clean != path:
+                set_headers[":path"] = clean
         return _mutation(set_headers, remove)
 
     # -- response phase --

@@ -59,6 +59,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     rec = {
         "id": request.headers.get("x-test-id"),
         "path": request.path,
+        "query": request.query_string,
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "header_list": [[k.lower(), v] for k, v in request.headers.items()],  # repeated headers kept
         "body": body,

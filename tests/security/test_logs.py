@@ -123,3 +123,13 @@ def test_the_backend_does_not_receive_the_tenant_key(upstream_stack: Running):
     (rec,) = r.upstream_requests("auth-fwd")
     assert rec["headers"]["x-tokenpools-entitlement"] == "log-a"
     assert "authorization" not in rec["headers"], "the tenant's API key reached the backend"
+
+
+def test_the_backend_does_not_receive_a_key_sent_in_the_query_string(upstream_stack: Running):
+    """A valid header key plus a key-like query parameter: the request is served, the parameter is dropped on the
+    way upstream (the rest of the query stays)."""
+    r = upstream_stack
+    path = f"/v1/chat/completions?api_key={KEY}&trace=1&Key=other"
+    assert r.post(path, chat(), key=KEY, headers={"x-test-id": "auth-query", "x-test-tokens": "1"}).status == 200
+    (rec,) = r.upstream_requests("auth-query")
+    assert rec["path"] == "/v1/chat/completions" and rec["query"] == "trace=1", rec["query"]
