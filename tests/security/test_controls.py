@@ -128,12 +128,13 @@ def test_serve_help_says_so():
     assert "--tls-client-ca" in text and "mutual TLS" in text
 
 
-def test_k8s_exposes_status_only_inside_the_namespace():
+def test_k8s_exposes_status_only_inside_the_namespace_and_to_prometheus():
     dep = [d for d in k8s_docs() if d.get("kind") == "Deployment" and d["metadata"]["name"] == "tokenpools"]
     assert len(dep) == 2  # base and TLS variant
     (policy,) = [d for d in k8s_docs() if d.get("kind") == "NetworkPolicy"]
     status_rules = [r for r in policy["spec"]["ingress"] if {"port": 9464, "protocol": "TCP"} in r["ports"]]
-    assert status_rules and all(src == {"podSelector": {}} for r in status_rules for src in r["from"])  # own namespace only
+    allowed = ({"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}})
+    assert status_rules and all(src in allowed for r in status_rules for src in r["from"])  # own namespace + Prometheus
     for d in dep:
         args = d["spec"]["template"]["spec"]["containers"][0]["args"]
         assert "--status-host=0.0.0.0" in args  # the kubelet's liveness probe comes from outside the pod
