@@ -742,14 +742,17 @@ class Engine:
         shrunk by weighted water-filling on w_e · baseline (so debt, through the weight, wins share back).
         """
         caps = (p.cap_tps, p.cap_kv, p.cap_conc)
-        used = [0.0, 0.0, 0.0]
+        c_tps, c_kv, c_conc = caps[0] + _EPS, caps[1] + _EPS, caps[2] + _EPS
+        u_tps = u_kv = u_conc = 0.0  # Σ baselines bound so far (scalars: this loop runs over every entitlement)
         degraded: list[EntitlementState] = []
         for e in serving:
             if not e.reserved:
                 continue
             base = (e.b_tps, e.b_kv, e.b_conc)
-            if all(used[i] + base[i] <= caps[i] + _EPS for i in range(3)):
-                used = [used[i] + base[i] for i in range(3)]
+            if u_tps + base[0] <= c_tps and u_kv + base[1] <= c_kv and u_conc + base[2] <= c_conc:
+                u_tps += base[0]
+                u_kv += base[1]
+                u_conc += base[2]
                 if e.lifecycle is not Lifecycle.BOUND:
                     # Newly bound, or whole again after capacity came back (e.g. from zero replicas, where its
                     # bucket had no depth): it starts with a full bucket, as at creation, not an empty one.
@@ -762,7 +765,7 @@ class Engine:
             else:
                 e.lifecycle = Lifecycle.DEGRADED
                 degraded.append(e)
-        rest = [max(0.0, caps[i] - used[i]) for i in range(3)]
+        rest = [max(0.0, caps[0] - u_tps), max(0.0, caps[1] - u_kv), max(0.0, caps[2] - u_conc)]
         if degraded:
             for i, attr in enumerate(("tps", "kv", "conc")):
                 total = sum(getattr(e, "b_" + attr) for e in degraded)
@@ -791,6 +794,8 @@ class Engine:
         for e in p.ents:
             if e.bucket is not None:
                 spill += e.bucket.set_rate(e.a_tps, e.a_tps * depth_s, now)
+            elif not e.h_conc and not e.h_kv:
+                continue  # spot and preemptible hold no headroom (the _set_head early return, without the call)
             if e.serving and e.bucket is not None and (e.active or (e.reserved and p.strict)):
                 reserved_rate += e.a_tps  # the same entitlements that hold headroom (see _set_head)
             self._set_head(e)
