@@ -2,18 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import Running, start
-
-
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Running:
-    """Envoy + `tokenpools serve` + the stand-in backend, shared by the integration tests (each uses its own pool)."""
-    workdir = tmp_path_factory.mktemp("envoy-stack")
-    running = start(workdir)
-    try:
-        yield running
-    finally:
-        running.stack.stop()
+from .harness import Running
 
 
 @pytest.fixture

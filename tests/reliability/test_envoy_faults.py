@@ -351,12 +351,12 @@ def test_unterminated_sse_is_metered_at_the_end(balanced: Running):
 
 
 # ---- ext_proc server down ----------------------------------------------------------------------------------------------
-def test_ext_proc_stopped_and_restarted_on_the_same_port(rstack: Running, tmp_path):
+def test_ext_proc_stopped_and_restarted_on_the_same_port(stack: Running, tmp_path):
     """failure_mode_allow: false. While the server is down every request gets 503 from Envoy and none reaches
     the backend; once it is back on the same port Envoy reconnects by itself, and the new server's books balance."""
     from extproc.stack import Stack, serve_command_line, wait_http
 
-    s = rstack
+    s = stack
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG)
     ext_proc, status_port, listen, admin = free_port(), free_port(), free_port(), free_port()
