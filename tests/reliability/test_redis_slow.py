@@ -7,34 +7,17 @@ restarted empty) is tests/state/test_replicas.py::test_redis_down_fails_static_t
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 
 import pytest
 
-from tests.state.conftest import RedisServer, redis_binary
+from tests.state.conftest import redis_server  # noqa: F401 (the fixture: a real redis-server on a free port)
 from tests.state.harness import Replica, eventually, mixed_config
 
 pytestmark = pytest.mark.integration
 
 PAUSE_MS = 1500
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    binary = redis_binary()
-    if binary is None:
-        msg = "redis-server not found: `make test` installs it (apt-get install -y redis-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    server = RedisServer(binary, tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def pause(port: int, ms: int) -> None:
