@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,19 @@ spec:
 """.replace("DIGEST", hashlib.sha256(DIGEST_KEY.encode()).hexdigest())
 
 MAX_BODY = 4 * 1024 * 1024
+
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(model: str = "m-big", content: str = "hello there", **extra) -> dict:
+    """An OpenAI chat body for the harness config's pools (m-big by default)."""
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def tid() -> str:
+    """A fresh x-test-id, to find a request's record at the stand-in."""
+    return uuid.uuid4().hex[:12]
 
 
 def free_port() -> int:

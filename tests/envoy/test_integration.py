@@ -9,26 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import pytest
 
-from .harness import DIGEST_KEY, MAX_BODY, Running, free_port, sse_events, start_envoy
+from .harness import CHAT, DIGEST_KEY, MAX_BODY, Running, chat, free_port, sse_events, start_envoy, tid
 
 pytestmark = pytest.mark.integration
-
-CHAT = "/v1/chat/completions"
-
-
-def chat(model: str = "m-big", content: str = "hello there", **extra) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
-
-
-def tid() -> str:
-    return uuid.uuid4().hex[:12]
-
 
 def assert_openai_error(resp, status: int, code: str | None = None) -> dict:
     assert resp.status == status, (resp.status, resp.body[:300])

@@ -10,25 +10,13 @@ import gzip
 import http.client
 import json
 import time
-import uuid
 
 import aiohttp
 import pytest
 
-from tests.envoy.harness import CONFIG, REPO, Response, Running, free_port, sse_events, start_envoy
+from tests.envoy.harness import CHAT, CONFIG, REPO, Response, Running, chat, free_port, sse_events, start_envoy, tid
 
 pytestmark = pytest.mark.integration
-
-CHAT = "/v1/chat/completions"
-
-
-def chat(model: str = "m-big", content: str = "hello there", **extra) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
-
-
-def tid() -> str:
-    return uuid.uuid4().hex[:12]
-
 
 def error(resp: Response, status: int, code: str) -> dict:
     assert resp.status == status, (resp.status, resp.body[:300])
