@@ -33,7 +33,7 @@ import yaml
 from extproc.envoy.bootstrap import EnvoyPorts, envoy_binary, render
 from extproc.stack import wait_http, wait_port
 
-from .load.gen import cpu_seconds
+from .load.gen import cpu_seconds, rss_kib
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -87,14 +87,6 @@ def envoy_yaml(ports: EnvoyPorts, backend: int, ext_proc: bool, response_body: b
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
         doc["static_resources"]["clusters"] = [c for c in doc["static_resources"]["clusters"] if c["name"] != "tokenpools_ext_proc"]
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 class Procs:

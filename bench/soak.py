@@ -43,7 +43,7 @@ import yaml
 from extproc.envoy.bootstrap import EnvoyPorts, render
 from extproc.stack import Stack, envoy_command, free_port, serve_command_line, wait_http, wait_port
 
-from .load.gen import cpu_seconds
+from .load.gen import cpu_seconds, rss_kib
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -132,14 +132,6 @@ GROUPS = [
     {"name": "contended", "concurrency": 8, "mix": [["contended", 60], ["abort_queued", 40]]},
     {"name": "noqueue", "concurrency": 3, "mix": [["reject", 1]], "pause_after_429_ms": 10},
 ]  # fmt: skip
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def get_json(port: int, path: str) -> tuple[int, dict]:

@@ -27,6 +27,14 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime (fields 14, 15)
 
 
+def rss_kib(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def percentiles(values: list[float], qs=(50, 90, 99, 99.9)) -> dict[str, float | None]:
     if not values:
         return {f"p{q}": None for q in qs}

@@ -19,13 +19,7 @@ import orjson
 from extproc.config import from_objects
 from extproc.engine import Engine, Verdict
 
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from .gen import rss_kib
 
 
 def config(queued: int):

@@ -19,6 +19,7 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from bench.load.gen import rss_kib
 from tests.envoy.extproc_msgs import CONFIG, request_headers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +28,6 @@ WARM = 4_000
 MAX_BYTES_PER_STREAM = 64  # grpc.aio's own growth without a failed read is ~25 bytes per call; the leak ~120+
 
 pytestmark = pytest.mark.integration
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 
@@ -53,14 +49,14 @@ def test_streams_answered_at_once_do_not_grow_the_server(tmp_path):
                     await asyncio.wait_for(call.read(), 10)
                     call.cancel()
 
-                warm = _rss_kib(server.pid)
+                warm = rss_kib(server.pid)
                 for i in range(streams // 10):
                     await asyncio.gather(*(one() for _ in range(10)))
                     if (i + 1) * 10 == warm_up:
                         await asyncio.sleep(0.2)
-                        warm = _rss_kib(server.pid)
+                        warm = rss_kib(server.pid)
                 await asyncio.sleep(0.5)
-                return warm, _rss_kib(server.pid)
+                return warm, rss_kib(server.pid)
 
         # RSS noise is one-sided (an unrelated allocation only adds): a second measurement on the same, warm
         # server is allowed before failing. The leak (~115 bytes per stream) fails both.
