@@ -46,8 +46,9 @@ def pct(values: list[int], q: float) -> float:
 def main() -> None:
     spec = orjson.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     queued, pairs = spec.get("queued", 0), spec.get("pairs", 100_000)
-    if hasattr(os, "sched_setaffinity") and (spec.get("cpu") or 0) >= 0:  # -1: not pinned (--server-cpu -1)
-        os.sched_setaffinity(0, {spec["cpu"]})
+    cpu = spec.get("cpu")
+    if hasattr(os, "sched_setaffinity") and cpu is not None and cpu >= 0:  # -1: not pinned (--server-cpu -1)
+        os.sched_setaffinity(0, {cpu})
     gc.collect()
     rss0 = rss_kib()
     engine = Engine(config(queued), 0.0)
