@@ -384,11 +384,7 @@ class KubeSync:
         self.resources.stop_watches()
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def sync(self) -> bool:
         """Rebuild the config if the objects changed; reload the server when the config differs."""
