@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
-import json
 import sys
 import threading
 import time
@@ -17,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.app import TokenpoolsServer
 from extproc.config import load_file
-from extproc.stack import Stack, serve_command_line, wait_http
-from tests.envoy.harness import REPO, free_port, sse_events, start_envoy
+from extproc.stack import serve_command_line, wait_http
+from tests.envoy.harness import CHAT, REPO, Running, free_port, sse_events, start_envoy
 
 POOL = """apiVersion: tokenpools.io/v1alpha1
 kind: TokenPool
@@ -55,16 +53,6 @@ BAD_YAML = "apiVersion: tokenpools.io/v1alpha1\nkind: TokenPool\nmetadata: {name
 BAD_FIELD = render().replace("tenantId: s", "tenantID: s")  # a typo: unknown field
 
 
-def _wait(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {predicate()!r}")
-
-
 # ---- in-process: refused changes keep the running config ---------------------------------------------------------
 def test_bad_reload_keeps_old_config(tmp_path: Path):
     path = tmp_path / "config.yaml"
@@ -74,12 +62,15 @@ def test_bad_reload_keeps_old_config(tmp_path: Path):
         server = TokenpoolsServer(load_file(path), ext_proc_port=0, status_port=0, config_path=str(path))
         await server.start()
         try:
-            async def status() -> dict:
+            async def get(path: str) -> bytes:  # the server runs on this loop: ask it without blocking
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.status_port)
-                writer.write(b"GET /status HTTP/1.0\r\n\r\n")
+                writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
                 data = await reader.read()
                 writer.close()
-                return orjson.loads(data.split(b"\r\n\r\n", 1)[1])
+                return data.split(b"\r\n\r\n", 1)[1]
+
+            async def status() -> dict:
+                return orjson.loads(await get("/status"))
 
             async def until(pred, timeout=10.0):
                 deadline = time.monotonic() + timeout
@@ -111,10 +102,7 @@ def test_bad_reload_keeps_old_config(tmp_path: Path):
             assert "key-g" not in doc["config"]["last_error"]  # never a key in an error message
             assert server.gateway.keys.lookup("key-x") == "x"  # the old key map still answers
 
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.status_port)
-            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
-            text = (await reader.read()).split(b"\r\n\r\n", 1)[1].decode()
-            writer.close()
+            text = (await get("/metrics")).decode()
             reloads = {
                 s.labels["result"]: s.value
                 for fam in text_string_to_metric_families(text) if fam.name == "tokenpools_config_reloads"
@@ -140,44 +128,39 @@ def test_bad_reload_keeps_old_config(tmp_path: Path):
 
 
 # ---- real Envoy: reloads under load lose no request and leak no reservation ----------------------------------------
-def _request(port: int, key: str, stream: bool, results: list, test_delay_ms: int = 20) -> None:
-    body = json.dumps({"model": "m-r", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 6})
-    headers = {"content-type": "application/json", "authorization": f"Bearer {key}", "x-test-delay-ms": str(test_delay_ms)}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def _request(r: Running, key: str, stream: bool, results: list) -> None:
+    payload = {"model": "m-r", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 6}
     try:
-        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        complete = True
-        if resp.status == 200:
-            complete = sse_events(data)[-1] == "[DONE]" if stream else bool(json.loads(data)["choices"])
-        results.append((key, resp.status, complete))
+        resp = r.post(CHAT, payload, key=key, headers={"x-test-delay-ms": "20"}, timeout=30)
     except Exception as exc:  # a reset or a timeout is a lost request
         results.append((key, f"{type(exc).__name__}: {exc}", False))
-    finally:
-        conn.close()
+        return
+    complete = True
+    if resp.status == 200:
+        complete = sse_events(resp.body)[-1] == "[DONE]" if stream else bool(resp.json()["choices"])
+    results.append((key, resp.status, complete))
 
 
 @pytest.mark.integration
 def test_hot_reload_under_load_loses_no_request_and_leaks_nothing(tmp_path: Path):
-    stack = Stack()
-    listen, admin, ext_proc, status, upstream = (free_port() for _ in range(5))
+    r = Running(tmp_path, *(free_port() for _ in range(5)))
+    stack = r.stack
     path = tmp_path / "config.yaml"
     path.write_text(render())
     try:
-        up = stack.start("upstream", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(upstream)],
+        up = stack.start("upstream", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(r.upstream)],
                          tmp_path / "upstream.log", cwd=REPO)  # fmt: skip
-        server = stack.start("tokenpools", serve_command_line(str(path), ext_proc, status), tmp_path / "tokenpools.log", cwd=REPO)
-        wait_http(f"http://127.0.0.1:{upstream}/_stats", 20, up)
-        wait_http(f"http://127.0.0.1:{status}/healthz", 20, server)
-        start_envoy(stack, tmp_path, "envoy", listen, admin, ext_proc, upstream)
+        server = stack.start("tokenpools", serve_command_line(str(path), r.ext_proc, r.status_port), tmp_path / "tokenpools.log", cwd=REPO)
+        wait_http(f"http://127.0.0.1:{r.upstream}/_stats", 20, up)
+        wait_http(f"http://127.0.0.1:{r.status_port}/healthz", 20, server)
+        start_envoy(stack, tmp_path, "envoy", r.listen, r.admin, r.ext_proc, r.upstream)
 
         results: list = []
         stop = threading.Event()
 
         def user(key: str, stream: bool) -> None:
             while not stop.is_set():
-                _request(listen, key, stream, results)
+                _request(r, key, stream, results)
 
         users = [threading.Thread(target=user, args=(k, s)) for k in ("key-g", "key-s", "key-s", "key-x") for s in (True, False)]
         for t in users:
@@ -193,20 +176,12 @@ def test_hot_reload_under_load_loses_no_request_and_leaks_nothing(tmp_path: Path
         path.write_text(final)
         digest = hashlib.sha256(final.encode()).hexdigest()
 
-        def get(p: str) -> dict:
-            conn = http.client.HTTPConnection("127.0.0.1", status, timeout=5)
-            try:
-                conn.request("GET", p)
-                return json.loads(conn.getresponse().read())
-            finally:
-                conn.close()
-
-        _wait(lambda: get("/status")["config"]["sha256"] == digest)
+        r.wait_for(lambda: r.status()["config"]["sha256"] == digest, timeout=10)
         stop.set()
         for t in users:
             t.join(timeout=60)
 
-        lost = [r for r in results if not isinstance(r[1], int) or not r[2]]
+        lost = [res for res in results if not isinstance(res[1], int) or not res[2]]
         assert not lost, lost[:5]
         by_status: dict = {}
         for key, code, _ in results:
@@ -218,18 +193,12 @@ def test_hot_reload_under_load_loses_no_request_and_leaks_nothing(tmp_path: Path
         assert set(by_status["key-x"]) <= {200, 429, 401, 403}, by_status
         assert by_status["key-x"].get(200, 0) > 0 and by_status["key-x"].get(401, 0) > 0, by_status
 
-        cfg = get("/status")["config"]
+        cfg = r.status()["config"]
         assert cfg["reloads"]["ok"] >= 4 and cfg["reloads"]["error"] >= 2, cfg
         assert cfg["ok"], cfg
 
-        def idle() -> bool:
-            snap = get("/status")
-            return all(e["in_flight"] == 0 and e["reserved_kv_tokens"] == 0 and e["queued"] == 0 for e in snap["entitlements"].values()) and all(
-                p["used"]["concurrency"] == 0 and p["used"]["kv_cache_tokens"] == 0 for p in snap["pools"].values()
-            )
-
-        _wait(idle)
-        assert get("/status/adapter")["live_requests"] == 0
-        assert get("/status")["entitlements"]["s"]["ceiling"]["concurrency"] == 4  # the final file is what runs
+        r.wait_for(r.idle, timeout=10)
+        assert r.adapter()["live_requests"] == 0
+        assert r.status()["entitlements"]["s"]["ceiling"]["concurrency"] == 4  # the final file is what runs
     finally:
         stack.stop()
