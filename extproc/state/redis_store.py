@@ -352,21 +352,19 @@ class RedisStore:
     ) -> Events:
         """Give the engine its shares (entitlements not named follow the pool share); skip when nothing moved.
 
-        Small moves (< BIG_MOVE on every key) are applied at most once every two control periods of the pool,
-        and at the pool's next control period rather than now (a control step costs O(entitlements) on the
-        admission loop; the period's own step runs anyway). Deferring and skipping are always safe: the claim
-        covers the applied share. Big moves (a crash, a join, fail static) and urgent ones go through at once."""
+        Small moves (< BIG_MOVE on every key) are applied at most once every two control periods of the pool.
+        Every move but an urgent one (fail static) takes effect at the pool's next control period rather than now:
+        a control step costs O(entitlements) on the admission loop, and the period's own step runs anyway.
+        Deferring and skipping are always safe: the claim covers both the applied and the pending share."""
         moves = [abs(share - po.applied)] + [abs(v - po.ents[n].applied) for n, v in named.items()]
         if max(moves) == 0.0:
             return Events()
         mono = time.monotonic()
         spacing = 2 * self.engine.pools[pool].spec.control.period_seconds
-        small = not urgent and max(moves) < BIG_MOVE
-        defer = not urgent  # applied at the next control period: O(entitlements) once per period, not per sync
-        if small and mono - self._applied_at.get(pool, -1e9) < spacing:
+        if not urgent and max(moves) < BIG_MOVE and mono - self._applied_at.get(pool, -1e9) < spacing:
             return Events()
         self._applied_at[pool] = mono
-        return self.engine.set_shares(pool, share, named, now, defer=defer)
+        return self.engine.set_shares(pool, share, named, now, defer=not urgent)
 
     async def _apply_priorities(self, doc: dict, now: float) -> Events:
         if doc.get("k") == self._prio_key:
@@ -385,10 +383,10 @@ class RedisStore:
                 if e is not None and (abs(e.debt - debt) > PRIO_APPLY_EPS or abs(e.burst - burst) > PRIO_APPLY_EPS):
                     moved[n] = (debt, burst)
                     any_moved = True
-                if len(moved) >= SLICE or (i % SLICE == 0 and moved):
-                    events.extend(self.engine.set_priorities(pool, moved, now, defer=True))
-                    moved = {}
                 if i % SLICE == 0:
+                    if moved:
+                        events.extend(self.engine.set_priorities(pool, moved, now, defer=True))
+                        moved = {}
                     await asyncio.sleep(0)
             if moved:
                 events.extend(self.engine.set_priorities(pool, moved, now, defer=True))
