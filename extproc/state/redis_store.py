@@ -56,7 +56,7 @@ log = structlog.get_logger("tokenpools.state")
 # Shares that move by less than this are not re-applied (set_shares rebuilds the entitlements it changes, and
 # every unnamed one when the pool share moves). Skipping is always safe: the claim is max(applied, granted, used).
 TOLERANCE = 0.01
-# A share move at least this large is applied at once (else at most once every two control periods, see _apply).
+# A share move at least this large is not held back by the spacing of small ones (see _apply).
 BIG_MOVE = 0.05
 # Merged debt or burst is adopted only where it differs from the engine's own by more than this.
 PRIO_APPLY_EPS = 0.01
