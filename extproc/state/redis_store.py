@@ -181,6 +181,7 @@ class RedisStore:
         self._failed_at: float | None = None
         self._prio_key: str | None = None
         self._applied_at: dict[str, float] = {}
+        self._replicas_changed_at = -1e9  # monotonic time the number of live replicas last changed
         self._prio_seq = 0
         # Counters (exposed in status()).
         self.syncs = 0
@@ -325,7 +326,14 @@ class RedisStore:
             self.mode = "redis"
             self._failed_at = None
         self.syncs += 1
+        mono = time.monotonic()
+        if self.syncs > 1 and int(res["n"]) != self.live:
+            self._replicas_changed_at = mono
         self.live = int(res["n"])
+        # A replica came or went: its share changes hands now. For one lease (until every replica has seen the
+        # change and re-split) moves apply at once, not at the next control period or after the spacing of small
+        # moves; that costs a control step per sync on the admission loop, but only around a membership change.
+        settling = mono - self._replicas_changed_at < self.lease
         self.leader = bool(res["lead"])
         self.probation = bool(res["probation"])
         self.grants = {pool: g for pool, g in res["g"].items() if isinstance(g, dict)}
@@ -342,7 +350,7 @@ class RedisStore:
                     named[name] = share  # back at the pool share: not named from the next sync on
                 else:
                     named[name] = _pick(grant, po.ents[name].applied)
-            events.extend(self._apply(pool, po, share, named, now))
+            events.extend(self._apply(pool, po, share, named, now, urgent=settling))
         if prio_raw:
             events.extend(await self._apply_priorities(orjson.loads(prio_raw), now))
         return events
@@ -353,7 +361,8 @@ class RedisStore:
         """Give the engine its shares (entitlements not named follow the pool share); skip when nothing moved.
 
         Small moves (< BIG_MOVE on every key) are applied at most once every two control periods of the pool.
-        Every move but an urgent one (fail static) takes effect at the pool's next control period rather than now:
+        Every move but an urgent one (fail static; a lease after the live replicas changed) takes effect at the
+        pool's next control period rather than now:
         a control step costs O(entitlements) on the admission loop, and the period's own step runs anyway.
         Deferring and skipping are always safe: the claim covers both the applied and the pending share."""
         moves = [abs(share - po.applied)] + [abs(v - po.ents[n].applied) for n, v in named.items()]

@@ -154,6 +154,8 @@ def test_three_servers_behind_envoys_share_one_pool(redis_server, tmp_path):
     assert stats["peak"] >= SLOTS // 2, stats  # and the pool was really used (shares are floored per replica)
     assert codes.get(200, 0) > 50 and codes.get(429, 0) > 0, codes
     assert gone is not None and gone <= LEASE + 2 * INTERVAL + 0.5, (gone, claims)
-    assert regained <= LEASE + 6 * INTERVAL + 1.0, (regained, st)
+    # Once its record is gone each survivor re-splits at its next sync and applies the new share at once (a
+    # membership change does not wait for the next control period).
+    assert regained - gone <= 2 * INTERVAL + 0.3, (regained, gone, st)
     for snap in survivors:  # books balanced once the clients stopped
         assert snap["pools"]["shared"]["in_flight"] == 0, snap["pools"]

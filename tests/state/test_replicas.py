@@ -7,6 +7,7 @@ stay within the pool's capacity + 1%, whatever the shares are doing (rebalancing
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 import pytest
@@ -121,9 +122,10 @@ def test_a_crashed_replica_share_returns_within_the_lease(redis_server):
         await c.crash()
         t_crash = time.monotonic()
         freed = await eventually(lambda: "c" not in claims(redis_server.url), LEASE + 2 * INTERVAL + 0.3)
-        # a and b take c's share at their next syncs (targets adapt to 2 live replicas, then the room is there).
+        # a and b take c's share at their next syncs (targets adapt to 2 live replicas, then the room is there),
+        # and apply it at once: not at the next control period, nor after the spacing of small moves.
         regained = await eventually(
-            lambda: a.engine.pools["pool"].share + b.engine.pools["pool"].share >= 0.97, LEASE + 8 * INTERVAL
+            lambda: a.engine.pools["pool"].share + b.engine.pools["pool"].share >= 0.97, 3 * INTERVAL + 0.3
         )
         elapsed = time.monotonic() - t_crash
         await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
@@ -137,7 +139,8 @@ def test_a_crashed_replica_share_returns_within_the_lease(redis_server):
     _assert_within(sampler)
     assert freed <= LEASE + 2 * INTERVAL + 0.3, freed
     assert live == (2, 2)
-    assert elapsed <= LEASE + 8 * INTERVAL + 0.5, elapsed
+    assert regained <= 3 * INTERVAL + 0.3, regained  # after c's record went
+    assert elapsed <= LEASE + 5 * INTERVAL + 0.6, elapsed
 
 
 def test_redis_down_fails_static_then_converges(redis_server):
@@ -188,7 +191,11 @@ def test_redis_down_fails_static_then_converges(redis_server):
 
 def test_burst_and_debt_are_shared_so_priorities_agree(redis_server):
     """An elastic tenant bursting on replica a only: b, which never sees its traffic, still ranks it by the
-    pool-wide burst (the leader's share-weighted merge), so both replicas give it the same weight."""
+    pool-wide burst (the leader's share-weighted merge), so both replicas give it the same weight.
+
+    Between syncs each replica steps its EMA from the merged value with its own sample (that is what makes the
+    share-weighted mean the pool-wide EMA), so b, which sees none of the traffic, dips by one period's decay
+    until the next merge arrives. Hence medians over the last 1.5 s, not one instant."""
 
     async def main():
         cfg = mixed_config()
@@ -198,17 +205,24 @@ def test_burst_and_debt_are_shared_so_priorities_agree(redis_server):
         a, b = reps
         stop_at = time.monotonic() + 3.0
         a.add_users("bu", 10, stop_at, 41, hold=(0.1, 0.3))  # baseline 2, bursting to ~10 on a
-        await asyncio.sleep(3.0)
-        got = {r.name: (r.engine.ents["bu"].burst, r.engine.ents["bu"].weight, r.store.priorities_applied) for r in reps}
+        await asyncio.sleep(1.5)
+        samples: dict[str, list[tuple[float, float]]] = {"a": [], "b": []}
+        while time.monotonic() < stop_at:
+            for r in reps:
+                samples[r.name].append((r.engine.ents["bu"].burst, r.engine.ents["bu"].weight))
+            await asyncio.sleep(0.02)
+        applied = {r.name: r.store.priorities_applied for r in reps}
         leaders = [r.store.leader for r in reps]
         for r in reps:
             await r.stop()
-        return got, leaders
+        return samples, applied, leaders
 
-    got, leaders = asyncio.run(main())
-    (burst_a, w_a, n_a), (burst_b, w_b, n_b) = got["a"], got["b"]
+    samples, applied, leaders = asyncio.run(main())
+    med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for n, v in samples.items()}
+    (burst_a, w_a), (burst_b, w_b) = med["a"], med["b"]
     assert sum(leaders) == 1, leaders
-    assert n_a > 5 and n_b > 5, got  # merged values applied every few syncs
-    assert burst_b > 0.5, got  # b never saw a request of bu: without sharing its burst would be 0
-    assert abs(burst_a - burst_b) <= 0.25 * max(burst_a, burst_b), got  # agree (up to one control period)
-    assert abs(w_a - w_b) <= 0.25 * max(w_a, w_b), got
+    assert len(samples["b"]) > 30, len(samples["b"])
+    assert applied["a"] > 5 and applied["b"] > 5, applied  # merged values applied every few syncs
+    assert burst_b > 0.5, med  # b never saw a request of bu: without sharing its burst would be 0
+    assert abs(burst_a - burst_b) <= 0.15 * max(burst_a, burst_b), med
+    assert abs(w_a - w_b) <= 0.15 * max(w_a, w_b), med
