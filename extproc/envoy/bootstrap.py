@@ -8,7 +8,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "bootstrap.yaml"
+# envoy/ at the top of the repository holds the bootstraps; extproc/envoy/templates/ links to them, so that a
+# wheel (which copies the linked files) carries them too.
+TEMPLATE = Path(__file__).parent / "templates" / "bootstrap.yaml"
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class EnvoyPorts:
 def render(ports: EnvoyPorts, backends: list[tuple[str, int]], template: Path = TEMPLATE) -> str:
     if not template.is_file():
         raise FileNotFoundError(
-            f"Envoy bootstrap template not found at {template}; run from a source checkout (pip install -e .)"
+            f"Envoy bootstrap template not found at {template}: the package is incomplete (reinstall tokenpools)"
         )
     if not backends:
         raise ValueError("at least one backend is needed")
