@@ -154,6 +154,22 @@ def test_rbac_is_least_privilege():
     assert crd_plurals == {"tokenpools", "tokenentitlements"}
 
 
+def test_every_container_runs_without_extra_privileges():
+    """Ours run as non-root; the vLLM example stays root (its image needs it) but, like every container, can
+    neither escalate nor keep a Linux capability, under the runtime's default seccomp profile."""
+    deployments = by_kind("Deployment")
+    assert deployments
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        assert pod.get("securityContext", {}).get("seccompProfile") == {"type": "RuntimeDefault"}, d["metadata"]
+        for c in pod["containers"]:
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, (d["metadata"]["name"], c["name"])
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], (d["metadata"]["name"], c["name"])
+        if not d["metadata"]["name"].startswith("vllm"):
+            assert pod["securityContext"].get("runAsNonRoot") is True, d["metadata"]
+
+
 def test_standalone_envoy_is_rendered_from_the_bootstrap_and_envoy_accepts_it(tmp_path):
     import importlib.util
 
