@@ -14,6 +14,8 @@ $(STAMP): requirements.lock pyproject.toml
 	@# fails to import): reinstall opentelemetry-proto last, same pin and hashes.
 	sed -n '/^opentelemetry-proto==/,/^[a-z]/p' requirements.lock | sed '$$d' > $(VENV)/otel-proto.txt
 	$(BIN)/pip install --quiet --no-deps --force-reinstall --require-hashes -r $(VENV)/otel-proto.txt
+	$(BIN)/python -c "import opentelemetry.exporter.otlp.proto.grpc.metric_exporter" \
+		|| { echo "opentelemetry-proto is still shadowed by xds-protos' copies (see above)" >&2; exit 1; }
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
