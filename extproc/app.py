@@ -62,6 +62,8 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+log = structlog.get_logger("tokenpools")
+
 TICK_MAX_S = 0.1  # the engine is ticked at its next_wakeup(), and at least this often
 
 _GRPC_OPTIONS = [
@@ -224,6 +226,24 @@ class TokenpoolsServer:
             self.controller.step()
         freeze_heap()  # the new config's objects are long-lived too
 
+    async def drain(self, seconds: float, hurry: asyncio.Event | None = None) -> None:
+        """Stop being ready (gRPC health NOT_SERVING, /healthz 503), then let the ext_proc streams open here,
+        admitted, queued or still arriving, run to their end, for at most `seconds` (or until `hurry` is set).
+        New streams are still served meanwhile: Envoy, or the Service in front of several replicas, may send a
+        few more before it sees this replica go; refusing them would turn a clean rollout into 503s."""
+        self.health.serving = False
+        gw = self.gateway
+        if seconds <= 0 or not gw.open_streams:
+            return
+        log.info("draining", open_streams=gw.open_streams, in_flight=len(gw.live), max_seconds=seconds)
+        t0 = time.monotonic()
+        while gw.open_streams and time.monotonic() - t0 < seconds and not (hurry and hurry.is_set()):
+            await asyncio.sleep(0.05)
+        if gw.open_streams:
+            log.warning("drain cut short", open_streams=gw.open_streams, after_s=round(time.monotonic() - t0, 2))
+        else:
+            log.info("drained", after_s=round(time.monotonic() - t0, 2))
+
     async def stop(self, grace: float = 2.0) -> None:
         self.health.serving = False
         if self._ticker is not None:
@@ -256,7 +276,7 @@ class TokenpoolsServer:
             try:
                 gw.tick()
             except Exception:  # a bug in one tick must not stop queue deadlines for good
-                structlog.get_logger("tokenpools").exception("engine tick failed")
+                log.exception("engine tick failed")
             wake = engine.next_wakeup()
             delay = TICK_MAX_S if wake is None else min(TICK_MAX_S, wake - self.clock())
             await asyncio.sleep(max(0.001, delay))
@@ -304,21 +324,29 @@ class TokenpoolsServer:
         return web.Response(text="ok\n" if self.health.serving else "draining\n", status=200 if self.health.serving else 503)
 
 
-async def serve(config: Config, ready: Callable[[TokenpoolsServer], None] | None = None, **kwargs) -> None:
-    """Run a server until cancelled (or SIGINT/SIGTERM when run as the main program)."""
+async def serve(
+    config: Config, ready: Callable[[TokenpoolsServer], None] | None = None, drain_seconds: float = 0.0, **kwargs
+) -> None:
+    """Run a server until cancelled, or until SIGINT/SIGTERM when run as the main program: then drain for up
+    to `drain_seconds` (a second signal stops at once) and stop."""
     server = TokenpoolsServer(config, **kwargs)
     await server.start()
     if ready is not None:
         ready(server)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
-    for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set), (signal.SIGHUP, server.reload_file)):
+    for sig, handler in ((signal.SIGINT, on_signal), (signal.SIGTERM, on_signal), (signal.SIGHUP, server.reload_file)):
         try:
             loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     try:
         await stop.wait()
+        await server.drain(drain_seconds, hurry)
     finally:
         await server.stop()
 
@@ -358,12 +386,13 @@ def _run(coro) -> None:
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate chain: serve both gRPC servers over TLS (with --tls-key).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
+@click.option("--drain-seconds", default=20.0, show_default=True, type=click.FloatRange(min=0), help="On SIGTERM/SIGINT: stop being ready, then let open requests (in flight, queued) finish for up to this long before stopping; a second signal stops at once. Keep it below the pod's terminationGracePeriodSeconds.")
 @click.option("--state", "state_url", default="memory", show_default=True, envvar="TOKENPOOLS_STATE", metavar="memory|redis://HOST:PORT/DB", help="Where pool state lives: memory (this replica holds whole pools) or Redis, shared with other replicas (options in the URL: docs/state.md). Env: TOKENPOOLS_STATE.")
 def serve_command(
     config_path, kube_namespace, host, ext_proc_port, status_port, scaler_port, backends, control_period,
     scale_down_delay, scale_down_band, burst_cap, usage_window, max_body_bytes, identity_header, identity_metadata,
     log_level, state_url, watch_config, log_format, otlp_endpoint, metrics_max_entitlements, metrics_entitlements,
-    status_host=None, tls_cert=None, tls_key=None, tls_client_ca=None,
+    status_host=None, tls_cert=None, tls_key=None, tls_client_ca=None, drain_seconds=0.0,
 ) -> None:  # fmt: skip
     """Run the ext_proc server (gRPC), the KEDA external scaler (gRPC) and the status endpoint (HTTP)."""
     from .scaler.backends import parse_backend_option
@@ -441,6 +470,7 @@ def serve_command(
             telemetry=telemetry,
             tls=tls,
             status_host=status_host,
+            drain_seconds=drain_seconds,
         )
     )
 

@@ -184,6 +184,7 @@ class Gateway:
         self.keys = KeyMap.from_config(config)
         self.estimator = estimator or TokenEstimator()
         self.live: dict[str, Exchange] = {}  # request id -> exchange (registered from admit to settle)
+        self.open_streams = 0  # ext_proc streams being served now (a draining server waits for 0)
         self.in_flight: Counter[str] = Counter()  # admitted and not yet settled, per entitlement
         self.stats = AdapterStats()
         self.telemetry = telemetry if telemetry is not None else Recorder()  # metrics: extproc/telemetry
@@ -613,6 +614,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         by an engine event (429 from the queue, eviction) still leaves a read behind."""
         gw = self.gw
         gw.stats.streams += 1
+        gw.open_streams += 1
         inbox: asyncio.Queue = asyncio.Queue()
         ex = Exchange(gw, inbox)
         read: asyncio.Future | None = None  # the next message, when asked for while also waiting on the inbox
@@ -645,6 +647,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 for resp in responses:
                     await context.write(resp)
         finally:
+            gw.open_streams -= 1
             if read is not None and not read.done():
                 read.cancel()
             # Client abort, upstream reset, server shutdown or an error above: give the reservation back.
