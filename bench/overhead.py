@@ -122,6 +122,17 @@ def start_server(procs: Procs, cfg: Path, name: str, cpu: int | None, plain_asyn
     return p, int(line[1])
 
 
+def start_echo(procs: Procs, cpu: int | None) -> tuple[subprocess.Popen, int]:
+    """bench/load/echo.py: the pass-through grpc.aio ext_proc, pinned like the server."""
+    p = procs.start("echo", [PY, "-m", "bench.load.echo"], stdout=subprocess.PIPE)
+    if cpu is not None:
+        os.sched_setaffinity(p.pid, {cpu})
+    line = p.stdout.readline().decode().split()
+    if not line or line[0] != "ready":
+        raise RuntimeError(f"echo did not start: see {procs.work / 'echo.log'}")
+    return p, int(line[1])
+
+
 def load(spec: dict) -> dict:
     out = subprocess.run([PY, "-m", "bench.load.gen", orjson.dumps(spec).decode()], cwd=ROOT, capture_output=True,
                          timeout=spec["duration"] + spec.get("warmup", 1) + 60)
@@ -198,7 +209,7 @@ def median(values):
 def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: int = 10, interval_ms: float = 250.0,
         rps_concurrency: int = 32, warmup: float = 1.0, server_cpu: int | None = 0, rss_sizes=(10, 1_000, 10_000), queued: int = 100_000,
         quick: bool = False, profile: bool = False, plain_asyncio: bool = False, only: tuple[str, ...] = (),
-        no_body_variant: bool = True) -> dict:
+        no_body_variant: bool = True, echo_variant: bool = True) -> dict:
     work = Path(tempfile.mkdtemp(prefix="tp-overhead-"))
     procs = Procs(work)
     ncpu = os.cpu_count() or 1
@@ -217,12 +228,16 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
         cfg = work / "config.yaml"
         cfg.write_text(config_yaml(1))
         server, ext_port = start_server(procs, cfg, "server", server_cpu, plain_asyncio)
+        echo, echo_port = start_echo(procs, server_cpu) if echo_variant else (None, 0)
         envoys = {}
         configs = [("direct", False, True), ("tokenpools", True, True)]
         if no_body_variant:
             configs.append(("tokenpools_no_response_body", True, False))
+        if echo_variant:
+            configs.append(("echo_ext_proc", True, True))
         for name, ext, body in configs:
-            ports = EnvoyPorts(listen=free_port(), admin=free_port(), ext_proc=ext_port)
+            port = echo_port if name == "echo_ext_proc" else ext_port
+            ports = EnvoyPorts(listen=free_port(), admin=free_port(), ext_proc=port)
             boot = work / f"envoy-{name}.yaml"
             boot.write_text(envoy_yaml(ports, backend, ext, body))
             e = procs.start(f"envoy-{name}", [envoy_binary(), "-c", str(boot), "--disable-hot-restart",
@@ -256,17 +271,18 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
                 order = order[r % len(order):] + order[:r % len(order)]  # rotate: nobody always goes first
                 for name in order:
                     port, envoy = envoys[name]
-                    s0, e0, t0 = cpu_seconds(server.pid), cpu_seconds(envoy.pid), time.perf_counter()
+                    srv = echo if name == "echo_ext_proc" else server  # whose CPU this path spends
+                    s0, e0, t0 = cpu_seconds(srv.pid), cpu_seconds(envoy.pid), time.perf_counter()
                     spy = None
-                    m0, th0 = machine_busy(), thread_cpu(server.pid)
+                    m0, th0 = machine_busy(), thread_cpu(srv.pid)
                     if profile and r == 0 and name == "tokenpools" and ph in ("stream", "rps"):
                         spy = start_profile(server.pid, work / f"profile-{ph}.txt", duration + 1)
                     res = load({**spec, "port": port, "duration": duration, "warmup": warmup})
                     if spy is not None:
                         spy.wait(30)
                         profiles[ph] = summarise_profile(work / f"profile-{ph}.txt")
-                    s1, e1, t1 = cpu_seconds(server.pid), cpu_seconds(envoy.pid), time.perf_counter()
-                    m1, th1 = machine_busy(), thread_cpu(server.pid)
+                    s1, e1, t1 = cpu_seconds(srv.pid), cpu_seconds(envoy.pid), time.perf_counter()
+                    m1, th1 = machine_busy(), thread_cpu(srv.pid)
                     res["server_threads_cpu_fraction"] = {k: round((v - th0.get(k, 0.0)) / (t1 - t0), 3) for k, v in th1.items()
                                                           if v - th0.get(k, 0.0) > 0}
                     res["machine_cpu_busy_fraction"] = round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 3)
@@ -279,7 +295,8 @@ def run(duration: float = 5.0, rounds: int = 3, concurrency: int = 200, tokens: 
                         idle.append((s1 - s0) / wall)
                     busy = (s1 - s0) - (median(idle) or 0.0) * wall
                     res["server_cpu_s_minus_idle"] = round(busy, 4)
-                    res["server_cpu_us_per_request"] = round(busy / total * 1e6, 1) if total and name == "tokenpools" else None
+                    res["server_cpu_us_per_request"] = (round(busy / total * 1e6, 1)
+                                                        if total and name in ("tokenpools", "echo_ext_proc") else None)
                     res["phase_requests_est"], res["phase_chunks_est"] = round(total), round(chunks)
                     res["loadavg"] = os.getloadavg()[0]
                     runs[ph][name].append(res)
@@ -370,6 +387,19 @@ def summarise(runs: dict, tokens: int) -> dict:
         "rps_latency_ms_p50": added("rps", "latency_ms", "p50"),
         "rps_latency_ms_p99": added("rps", "latency_ms", "p99"),
     }
+    if "echo_ext_proc" in runs.get("stream", {}):  # what grpc.aio costs by itself: the floor of a Python ext_proc
+        s["added_echo_ext_proc"] = {
+            "ttft_ms_p50": added("stream", "ttft_ms", "p50", name="echo_ext_proc"),
+            "ttft_ms_p99": added("stream", "ttft_ms", "p99", name="echo_ext_proc"),
+            "inter_token_ms_p99": added("stream", "inter_chunk_ms", "p99", name="echo_ext_proc"),
+        }
+    if "echo_ext_proc" in runs.get("rps", {}):
+        rps_echo = runs["rps"]["echo_ext_proc"]
+        s["echo_ext_proc_rps"] = {
+            "requests_per_s": median([r["requests_per_s"] for r in rps_echo]),
+            "cpu_us_per_request": median([r["server_cpu_us_per_request"] for r in rps_echo]),
+            "cpu_fraction": median([r["server_cpu_fraction"] for r in rps_echo]),
+        }
     if "tokenpools_no_response_body" in runs.get("stream", {}):
         s["added_no_response_body"] = {
             "ttft_ms_p50": added("stream", "ttft_ms", "p50", name="tokenpools_no_response_body"),
@@ -440,17 +470,19 @@ def verdicts(s: dict) -> dict:
 @click.option("--queued", default=100_000, show_default=True, help="Queued requests for the queue probe.")
 @click.option("--quick", is_flag=True, help="Smoke run: fewer queue-probe pairs.")
 @click.option("--asyncio", "plain_asyncio", is_flag=True, help="Run the ext_proc server on asyncio's own loop instead of uvloop.")
+@click.option("--echo-variant/--skip-echo-variant", default=True, show_default=True, help="Also run every phase through an Envoy whose ext_proc is bench/load/echo.py (grpc.aio passing messages back, no logic): the floor of a Python ext_proc.")
 @click.option("--no-body-variant/--skip-no-body-variant", default=True, show_default=True, help="Also run the streams through a third Envoy whose ext_proc skips the response body (what a non-blocking, observability-mode meter could at best reach).")
 @click.option("--phases", default="stream,stream_short,rps", show_default=True, help="Phases to run (derived numbers need all three).")
 @click.option("--profile", is_flag=True, help="py-spy the server during round 0's tokenpools stream and rps phases (needs py-spy in the venv).")
 def overhead(as_json, out_dir, duration, rounds, concurrency, tokens, interval_ms, rps_concurrency, server_cpu,
-             rss_sizes, queued, quick, profile, plain_asyncio, no_body_variant, phases) -> None:
+             rss_sizes, queued, quick, profile, plain_asyncio, echo_variant, no_body_variant, phases) -> None:
     """Envoy alone vs Envoy + tokenpools ext_proc: added TTFT / inter-token latency, admitted req/s on one core,
     CPU per request and chunk, RSS by entitlements and with 100,000 queued."""
     result = run(duration=duration, rounds=rounds, concurrency=concurrency, tokens=tokens, interval_ms=interval_ms,
                  rps_concurrency=rps_concurrency, server_cpu=None if server_cpu < 0 else server_cpu,
                  rss_sizes=tuple(int(x) for x in rss_sizes.split(",") if x), queued=queued, quick=quick, profile=profile,
-                 plain_asyncio=plain_asyncio, no_body_variant=no_body_variant, only=tuple(phases.split(",")))
+                 plain_asyncio=plain_asyncio, no_body_variant=no_body_variant, echo_variant=echo_variant,
+                 only=tuple(phases.split(",")))
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
