@@ -115,7 +115,7 @@ class TokenpoolsServer:
         self.gateway = Gateway(
             self.engine, config, clock=clock, max_body_bytes=max_body_bytes, trusted=trusted, telemetry=recorder
         )
-        self.health = Health()
+        self.health = Health(ready=lambda: self.state.ready())
         # The controller runs when there is a scaler to feed or backends to follow.
         self.controller: Controller | None = None
         if scaler_port is not None or (controller is not None and controller.backends):
@@ -176,7 +176,8 @@ class TokenpoolsServer:
         app.router.add_get("/status/scaler", self._scaler_status)
         app.router.add_get("/status/state", self._state_status)
         app.router.add_get("/status/invariants", self._invariants)  # the engine's books balance (bench soak)
-        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/healthz", self._healthz)  # readiness: serving and holding a share
+        app.router.add_get("/livez", self._livez)  # liveness: the loop answers (also while draining)
         app.router.add_get("/", self._page)  # the status page (extproc/ui/status.html)
         app.router.add_get("/metrics", self.metrics.handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -321,7 +322,12 @@ class TokenpoolsServer:
         return web.json_response({"ok": True})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n" if self.health.serving else "draining\n", status=200 if self.health.serving else 503)
+        if self.health.ok:
+            return web.Response(text="ok\n")
+        return web.Response(text="draining\n" if not self.health.serving else "joining\n", status=503)
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
 
 
 async def serve(

@@ -35,6 +35,10 @@ class StateStore(Protocol):
 
     def status(self) -> dict: ...
 
+    def ready(self) -> bool:
+        """Holds capacity to admit with (a replica that does not should not be sent traffic)."""
+        ...
+
 
 class MemoryStore:
     """One replica alone: it holds the whole pool (share 1), its own debt and burst. Nothing to share."""
@@ -54,6 +58,9 @@ class MemoryStore:
 
     async def close(self) -> None:
         pass
+
+    def ready(self) -> bool:
+        return True
 
     def status(self) -> dict:
         return {"kind": self.kind, "mode": "memory", "share": {name: 1.0 for name in (self.engine.pools if self.engine else {})}}

@@ -427,6 +427,13 @@ class RedisStore:
             events.extend(self._apply(pool, po, share, named, now, urgent=True))
         return events
 
+    def ready(self) -> bool:
+        """False until this replica holds a share: before its first sync, and during its probation (one lease
+        after it joined, when it admits next to nothing). Readiness probes and Envoy's health check then keep
+        traffic on the replicas that can admit it, which is what makes a rolling update free of 429s. Failing
+        static counts as ready: the replica admits from its fail share."""
+        return self.mode == "fail_static" or (self.mode == "redis" and not self.probation)
+
     def static_share(self) -> float:
         return self.fail_share if self.fail_share is not None else 1.0 / max(1, self.live)
 

@@ -13,8 +13,9 @@ from extproc.scaler.kube import _document
 from . import schemas
 from .schemas import K8S, REPO, SHARED, UPSTREAM, errors, load_all, manifest_files, validate
 
-OVERLAY = K8S / "tls"  # replaces same-named base objects; validated in test_tls_manifests.py
-DOCS = [(p, i, d) for p in manifest_files() if OVERLAY not in p.parents for i, d in enumerate(load_all(p))]
+# Overlays replace same-named base objects; validated in test_tls_manifests.py and test_ha_manifests.py.
+OVERLAYS = (K8S / "tls", K8S / "ha")
+DOCS = [(p, i, d) for p in manifest_files() if not any(o in p.parents for o in OVERLAYS) for i, d in enumerate(load_all(p))]
 
 
 def _id(item) -> str:

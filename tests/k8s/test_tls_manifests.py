@@ -11,7 +11,7 @@ from .schemas import K8S, load_all, validate
 TLS = K8S / "tls"
 OVERLAY = [(p, d) for p in sorted(TLS.glob("*.yaml")) for d in load_all(p)]
 BASE = {(d["kind"], d["metadata"]["name"]): d for p in sorted(K8S.rglob("*.yaml"))
-        if TLS not in p.parents and K8S / "schemas" not in p.parents for d in load_all(p)}  # fmt: skip
+        if not {TLS, K8S / "ha", K8S / "schemas"} & set(p.parents) for d in load_all(p)}  # fmt: skip
 
 
 def one(kind: str) -> dict:

@@ -130,8 +130,8 @@ def test_serve_help_says_so():
 
 def test_k8s_exposes_status_only_inside_the_namespace_and_to_prometheus():
     dep = [d for d in k8s_docs() if d.get("kind") == "Deployment" and d["metadata"]["name"] == "tokenpools"]
-    assert len(dep) == 2  # base and TLS variant
-    (policy,) = [d for d in k8s_docs() if d.get("kind") == "NetworkPolicy"]
+    assert len(dep) == 3  # base, TLS and HA variants
+    (policy,) = [d for d in k8s_docs() if d.get("kind") == "NetworkPolicy" and d["metadata"]["name"] == "tokenpools"]
     status_rules = [r for r in policy["spec"]["ingress"] if {"port": 9464, "protocol": "TCP"} in r["ports"]]
     allowed = ({"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}})
     assert status_rules and all(src in allowed for r in status_rules for src in r["from"])  # own namespace + Prometheus
