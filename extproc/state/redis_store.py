@@ -333,7 +333,9 @@ class RedisStore:
         # A replica came or went: its share changes hands now. For one lease (until every replica has seen the
         # change and re-split) moves apply at once, not at the next control period or after the spacing of small
         # moves; that costs a control step per sync on the admission loop, but only around a membership change.
-        settling = mono - self._replicas_changed_at < self.lease
+        # Likewise this replica's first share after probation: it is ready (gets traffic) once it holds one.
+        joined = self.probation and not res["probation"]  # out of probation: its first share may come now
+        settling = mono - self._replicas_changed_at < self.lease or joined
         self.leader = bool(res["lead"])
         self.probation = bool(res["probation"])
         self.grants = {pool: g for pool, g in res["g"].items() if isinstance(g, dict)}
@@ -428,11 +430,15 @@ class RedisStore:
         return events
 
     def ready(self) -> bool:
-        """False until this replica holds a share: before its first sync, and during its probation (one lease
-        after it joined, when it admits next to nothing). Readiness probes and Envoy's health check then keep
-        traffic on the replicas that can admit it, which is what makes a rolling update free of 429s. Failing
-        static counts as ready: the replica admits from its fail share."""
-        return self.mode == "fail_static" or (self.mode == "redis" and not self.probation)
+        """False until this replica holds a share of some pool: a new replica during its probation (one lease,
+        when it admits next to nothing). Readiness probes and Envoy's health check then keep traffic on the
+        replicas that can admit it, so a rolling update does not send clients to an empty replica. A replica
+        re-joining after a Redis outage keeps the share it holds, so it stays ready; failing static it admits
+        from its fail share."""
+        if self.engine is None or self.mode == "starting":
+            return False
+        pools = self.engine.pools.values()
+        return not pools or any(p.share > MIN_SHARE for p in pools)
 
     def static_share(self) -> float:
         return self.fail_share if self.fail_share is not None else 1.0 / max(1, self.live)
