@@ -111,8 +111,8 @@ class Procs:
                 p.kill()
 
 
-def start_server(procs: Procs, cfg: Path, name: str, cpu: int | None, plain_asyncio: bool = False) -> tuple[subprocess.Popen, int]:
-    cmd = [PY, "-m", "bench.load.server", "--config", str(cfg)] + (["--asyncio"] if plain_asyncio else [])
+def start_pinned(procs: Procs, name: str, cmd: list[str], cpu: int | None) -> tuple[subprocess.Popen, int]:
+    """A process that prints `ready <port> ...` once it serves, pinned to `cpu`; returns it and the port."""
     p = procs.start(name, cmd, stdout=subprocess.PIPE)
     if cpu is not None:
         os.sched_setaffinity(p.pid, {cpu})
@@ -122,15 +122,14 @@ def start_server(procs: Procs, cfg: Path, name: str, cpu: int | None, plain_asyn
     return p, int(line[1])
 
 
+def start_server(procs: Procs, cfg: Path, name: str, cpu: int | None, plain_asyncio: bool = False) -> tuple[subprocess.Popen, int]:
+    cmd = [PY, "-m", "bench.load.server", "--config", str(cfg)] + (["--asyncio"] if plain_asyncio else [])
+    return start_pinned(procs, name, cmd, cpu)
+
+
 def start_echo(procs: Procs, cpu: int | None) -> tuple[subprocess.Popen, int]:
     """bench/load/echo.py: the pass-through grpc.aio ext_proc, pinned like the server."""
-    p = procs.start("echo", [PY, "-m", "bench.load.echo"], stdout=subprocess.PIPE)
-    if cpu is not None:
-        os.sched_setaffinity(p.pid, {cpu})
-    line = p.stdout.readline().decode().split()
-    if not line or line[0] != "ready":
-        raise RuntimeError(f"echo did not start: see {procs.work / 'echo.log'}")
-    return p, int(line[1])
+    return start_pinned(procs, "echo", [PY, "-m", "bench.load.echo"], cpu)
 
 
 def load(spec: dict) -> dict:

@@ -83,23 +83,27 @@ def _stack(tmp_path: Path, drain: float):
     return stack, server, status, listen
 
 
+def _stream_then_sigterm(server, listen: int, tokens: int) -> tuple[dict, threading.Thread, float]:
+    """Start a stream of `tokens` tokens, 100 ms apart, through Envoy; SIGTERM the server 0.5 s into it."""
+    assert _chat(listen, False, 2, 0)["status"] == 200  # warm: Envoy's health check has seen the server
+    long: dict = {}
+    t = threading.Thread(target=_chat, args=(listen, True, tokens, 100, long))
+    t.start()
+    time.sleep(0.5)
+    server.send_signal(signal.SIGTERM)
+    return long, t, time.monotonic()
+
+
 def test_sigterm_lets_open_streams_finish_and_serves_newcomers_meanwhile(tmp_path):
     stack, server, status, listen = _stack(tmp_path, drain=20)
     try:
-        assert _chat(listen, False, 2, 0)["status"] == 200  # warm: Envoy's health check has seen the server
-        long: dict = {}
         # ~4 s of tokens: longer than the 2 s the gRPC stop grants open streams without a drain
-        t = threading.Thread(target=_chat, args=(listen, True, 40, 100, long))
-        t.start()
-        time.sleep(0.5)
-        server.send_signal(signal.SIGTERM)
-        t_term = time.monotonic()
+        long, t, t_term = _stream_then_sigterm(server, listen, 40)
         time.sleep(0.2)
         assert server.poll() is None  # still there: a stream is open
         assert _healthz(status) == 503  # not ready: readiness probes and health checks move traffic away
         newcomer = _chat(listen, False, 2, 0)  # one that still arrives is served, not refused
         t.join(15)
-        exited = None
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and server.poll() is None:
             time.sleep(0.05)
@@ -121,13 +125,7 @@ def test_sigterm_lets_open_streams_finish_and_serves_newcomers_meanwhile(tmp_pat
 def test_drain_is_bounded_by_drain_seconds(tmp_path):
     stack, server, status, listen = _stack(tmp_path, drain=0.5)
     try:
-        assert _chat(listen, False, 2, 0)["status"] == 200
-        long: dict = {}
-        t = threading.Thread(target=_chat, args=(listen, True, 100, 100, long))  # ~10 s of tokens
-        t.start()
-        time.sleep(0.5)
-        server.send_signal(signal.SIGTERM)
-        t_term = time.monotonic()
+        long, t, t_term = _stream_then_sigterm(server, listen, 100)  # ~10 s of tokens
         server.wait(10)
         took = time.monotonic() - t_term
         t.join(10)
@@ -143,12 +141,7 @@ def test_drain_is_bounded_by_drain_seconds(tmp_path):
 def test_a_second_signal_stops_at_once(tmp_path):
     stack, server, status, listen = _stack(tmp_path, drain=20)
     try:
-        assert _chat(listen, False, 2, 0)["status"] == 200
-        long: dict = {}
-        t = threading.Thread(target=_chat, args=(listen, True, 100, 100, long))  # ~10 s of tokens
-        t.start()
-        time.sleep(0.5)
-        server.send_signal(signal.SIGTERM)
+        long, t, _ = _stream_then_sigterm(server, listen, 100)  # ~10 s of tokens
         time.sleep(0.5)
         assert server.poll() is None  # draining
         server.send_signal(signal.SIGINT)  # the operator insists (a second Ctrl-C)
