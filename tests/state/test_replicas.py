@@ -207,7 +207,8 @@ def test_burst_and_debt_are_shared_so_priorities_agree(redis_server):
 
     Between syncs each replica steps its EMA from the merged value with its own sample (that is what makes the
     share-weighted mean the pool-wide EMA), so b, which sees none of the traffic, dips by one period's decay
-    until the next merge arrives. Hence medians over the last 1.5 s, not one instant."""
+    until the next merge arrives: the comparison is over the last 1.5 s, not at one instant. (The dip matters
+    little: b has no request of bu to rank.)"""
 
     async def main():
         cfg = mixed_config()
@@ -230,11 +231,17 @@ def test_burst_and_debt_are_shared_so_priorities_agree(redis_server):
         return samples, applied, leaders
 
     samples, applied, leaders = asyncio.run(main())
-    med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for n, v in samples.items()}
-    (burst_a, w_a), (burst_b, w_b) = med["a"], med["b"]
+    bursts = {n: [x[0] for x in v] for n, v in samples.items()}
     assert sum(leaders) == 1, leaders
     assert len(samples["b"]) > 30, len(samples["b"])
     assert applied["a"] > 5 and applied["b"] > 5, applied  # merged values applied every few syncs
-    assert burst_b > 0.5, med  # b never saw a request of bu: without sharing its burst would be 0
-    assert abs(burst_a - burst_b) <= 0.15 * max(burst_a, burst_b), med
-    assert abs(w_a - w_b) <= 0.15 * max(w_a, w_b), med
+    # b never saw a request of bu: without sharing its burst would be 0.
+    assert statistics.median(bursts["b"]) > 0.5 * statistics.median(bursts["a"]), bursts
+    # Both sawtooth (a's own steps, b's dips between merges, deeper when a busy box makes syncs late), but each
+    # merge brings them to the same pool-wide value: their upper envelopes agree.
+    p80 = {n: statistics.quantiles(v, n=10)[7] for n, v in bursts.items()}
+    assert abs(p80["a"] - p80["b"]) <= 0.15 * max(p80.values()), p80
+    # And when they hold the same burst, b ranks bu with a's weight (weights follow adopted values at once).
+    same = [(wa, wb) for (ba, wa), (bb, wb) in zip(samples["a"], samples["b"]) if abs(ba - bb) <= 0.05 * max(ba, bb)]
+    assert len(same) >= 5, len(same)
+    assert max(abs(wa - wb) / max(wa, wb) for wa, wb in same) <= 0.15, same[:5]
