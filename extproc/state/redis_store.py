@@ -49,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..engine.decisions import Events
-from .shares import MIN_SHARE, POOL, PRIOR, SLICE, Observer, PoolObs, merge_priorities_steps, targets_steps
+from .shares import MIN_SHARE, POOL, PRIOR, SLICE, Observer, PoolObs, expect_equal, merge_priorities_steps, targets_steps
 
 log = structlog.get_logger("tokenpools.state")
 
@@ -60,6 +60,8 @@ TOLERANCE = 0.01
 BIG_MOVE = 0.05
 # Merged debt or burst is adopted only where it differs from the engine's own by more than this.
 PRIO_APPLY_EPS = 0.01
+# A replica out of probation counts as at least an equal part of the demand for this many leases (shares.expect_equal).
+WARM_LEASES = 5
 # Debt and burst smaller than this are not published (absent = 0 in the merge): keeps idle entitlements out.
 PRIO_EPS = 1e-4
 
@@ -116,7 +118,7 @@ if (not holder) or holder == me then
   lead = 1
   if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5]) end
 end
-return cjson.encode({g = grants, n = #others + 1, lead = lead, now = now, probation = probation})
+return cjson.encode({g = grants, n = #others + 1, lead = lead, now = now, probation = probation, since = since})
 """
 
 _OPTIONS = {"interval", "lease", "fail_share", "replicas", "replica", "prefix", "prior"}
@@ -182,6 +184,8 @@ class RedisStore:
         self._prio_key: str | None = None
         self._applied_at: dict[str, float] = {}
         self._replicas_changed_at = -1e9  # monotonic time the number of live replicas last changed
+        self._since: float | None = None  # Redis ms when this replica (re)joined (its probation started)
+        self._was_ready = False
         self._prio_seq = 0
         # Counters (exposed in status()).
         self.syncs = 0
@@ -279,7 +283,7 @@ class RedisStore:
                 infos[rid] = orjson.loads(info_raw[rid])
                 await asyncio.sleep(0)
 
-        theirs = [i.get("d", {}) for i in infos.values()]
+        theirs = [infos[rid].get("d", {}) if rid in infos else {} for rid in others]
         asked: dict[str, set[str]] = {}
         for d in theirs:
             for pool, ents in d.items():
@@ -291,6 +295,10 @@ class RedisStore:
         mine = demand
         if me in info_raw:
             mine = orjson.loads(info_raw[me]).get("d", demand)
+        warming = horizon is not None and self._warming(self._since, horizon)
+        if horizon is not None:  # replicas in their first lease after probation count as an equal part
+            warm = [warming] + [self._warming(rec.get("since"), horizon) for rec in others.values()]
+            mine, *theirs = expect_equal([mine, *theirs], warm)
         self.targets, follow = await _sliced(targets_steps(mine, theirs, obs, self.prior))
         request = {}
         for pool, po in obs.items():
@@ -335,9 +343,11 @@ class RedisStore:
         # moves; that costs a control step per sync on the admission loop, but only around a membership change.
         # Likewise this replica's first share after probation: it is ready (gets traffic) once it holds one.
         joined = self.probation and not res["probation"]  # out of probation: its first share may come now
-        settling = mono - self._replicas_changed_at < self.lease or joined
+        # (others: the joiner's probation and warm-up; the joiner: its warm-up, so that it is ready at once)
+        settling = mono - self._replicas_changed_at < 2 * self.lease or joined or warming
         self.leader = bool(res["lead"])
         self.probation = bool(res["probation"])
+        self._since = res.get("since")
         self.grants = {pool: g for pool, g in res["g"].items() if isinstance(g, dict)}
 
         events = Events()
@@ -429,6 +439,11 @@ class RedisStore:
             events.extend(self._apply(pool, po, share, named, now, urgent=True))
         return events
 
+    def _warming(self, since: float | None, now_ms: float) -> bool:
+        """Out of probation less than WARM_LEASES leases ago: ready, and its demand still building up."""
+        ttl = self.lease * 1000
+        return since is not None and ttl <= now_ms - since < (1 + WARM_LEASES) * ttl
+
     def ready(self) -> bool:
         """False until this replica holds a share of some pool: a new replica during its probation (one lease,
         when it admits next to nothing). Readiness probes and Envoy's health check then keep traffic on the
@@ -437,8 +452,19 @@ class RedisStore:
         from its fail share."""
         if self.engine is None or self.mode == "starting":
             return False
-        pools = self.engine.pools.values()
-        return not pools or any(p.share > MIN_SHARE for p in pools)
+        pools = self.engine.pools
+        if not pools:
+            return True
+        holds = any(p.share > MIN_SHARE for p in pools.values())
+        if not self._was_ready and self.mode == "redis" and self._offset_ms is not None and self._warming(
+            self._since, time.monotonic() * 1000 + self._offset_ms
+        ):
+            # The first time: once the share meant for an equal part of the traffic is (half) there. Then it stays
+            # ready while it holds any share: a replica flapping between ready and not would make the load
+            # balancer's view of the healthy replicas flap too (Envoy's panic routing, a Service's endpoints).
+            holds = any(p.share >= 0.5 * self.targets.get(name, {}).get(POOL, 0.0) > 0 for name, p in pools.items())
+        self._was_ready = self._was_ready or holds
+        return holds
 
     def static_share(self) -> float:
         return self.fail_share if self.fail_share is not None else 1.0 / max(1, self.live)

@@ -181,6 +181,31 @@ def _frac(x: float, whole: float) -> float:
     return x / whole if whole > 0 else 0.0
 
 
+def expect_equal(demands: list[dict[str, dict[str, float]]], warming: list[bool]) -> list[dict[str, dict[str, float]]]:
+    """Demands where each warming replica's counts as at least the mean of the others' (per pool and entitlement).
+
+    A replica that has just become ready has no demand yet, but the load balancer will send it an equal part
+    of the traffic, and its demand (in flight + queued + arrivals) takes about a request's length to build up:
+    counting the equal part meanwhile puts its share in place before its traffic, so its first requests do
+    not queue behind a share of almost nothing. Unchanged when no replica warms, or when all do."""
+    settled = [d for d, w in zip(demands, warming) if not w]
+    if not settled or len(settled) == len(demands):
+        return demands
+    mean: dict[str, dict[str, float]] = {}
+    for d in settled:
+        for pool, ents in d.items():
+            acc = mean.setdefault(pool, {})
+            for name, v in ents.items():
+                acc[name] = acc.get(name, 0.0) + v / len(settled)
+    out = []
+    for d, w in zip(demands, warming):
+        if w:
+            d = {pool: {**ents, **{n: max(v, d.get(pool, {}).get(n, 0.0)) for n, v in mean.get(pool, {}).items()}}
+                 for pool, ents in {**mean, **d}.items()}  # fmt: skip
+        out.append(d)
+    return out
+
+
 def targets(
     mine: dict[str, dict[str, float]],
     others: list[dict[str, dict[str, float]]],

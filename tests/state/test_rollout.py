@@ -76,6 +76,9 @@ def _envoy_yaml(listen: int, admin: int, ext_ports: list[int], backend: int) -> 
         {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in ext_ports
     ]
     cluster["health_checks"][0].update(interval="0.2s", no_traffic_interval="0.2s", unhealthy_threshold=1)
+    # Like a Service's endpoints: a replica that is not ready gets nothing, even when few are ready (Envoy's
+    # default would route to every replica, dead ones included, below 50 % healthy).
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -115,15 +118,16 @@ def test_rolling_update_under_load_refuses_nothing(redis_server, tmp_path):
         stop = threading.Event()
         lock = threading.Lock()
 
-        def client() -> None:
+        def client(delay: float) -> None:
+            time.sleep(delay)  # spread over a stream's length: arrivals keep coming, not in waves
             while not stop.is_set():
                 started = time.monotonic() - t0
                 code, whole, ttft = _stream(listen)
                 with lock:
                     codes[(code, whole)] += 1
-                    ttfts.append((ttft, round(started, 2)))
+                    ttfts.append((ttft, round(started, 2)))  # (seconds to the first token, when it started)
 
-        threads = [threading.Thread(target=client) for _ in range(10)]
+        threads = [threading.Thread(target=client, args=(i * 0.3,)) for i in range(10)]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -151,8 +155,8 @@ def test_rolling_update_under_load_refuses_nothing(redis_server, tmp_path):
     assert procs["old-a"].returncode == 0
     assert "drained" in (tmp_path / "old-a.log").read_text()
     assert new_a["admitted"] > 0, new_a  # the new replica really served part of the traffic
-    # Time to the first token stays far from the queue's 5 s limit. Not tighter: requests that reach a replica
-    # that has just become ready still queue for a few syncs until its demand-weighted share grows (measured
-    # 0.2-1.7 s at a 0.2 s sync interval; docs/state.md, Limits).
+    # ... without making its first requests wait: it became ready with the share of an equal part of the traffic
+    # (before that warm-up it queued 5 of 5 and 6 of 8, 0.2-1.7 s to the first token).
+    assert new_a["queued"] <= new_a["admitted"] // 4, new_a
     worst = max(ttfts)
-    assert worst[0] < 3.0, (worst, timeline)
+    assert worst[0] < 2.0, (worst, timeline)  # far from the queue's 5 s (measured: at most 0.6 s)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from extproc.engine import Engine
 from extproc.state import MemoryStore, open_store
 from extproc.state.redis_store import LEASE_LUA, RedisStore, parse_url
-from extproc.state.shares import POOL, PRIOR, EntObs, Observer, PoolObs, merge_priorities, targets
+from extproc.state.shares import POOL, PRIOR, EntObs, Observer, PoolObs, expect_equal, merge_priorities, targets
 
 from .harness import mixed_config
 
@@ -215,3 +215,19 @@ def test_lua_lease_never_grants_beyond_the_room(redis_server):
         assert "ghost" not in r.hgetall(keys[0])
     finally:
         r.close()
+
+
+def test_a_warming_replica_counts_as_at_least_an_equal_part_of_the_demand():
+    a = {"p": {"x": 4.0, "y": 2.0}}
+    b = {"p": {"x": 2.0}}
+    new = {"p": {"y": 5.0}}  # just ready: little demand yet, except y, where it already has more than the mean
+    out = expect_equal([a, b, new], [False, False, True])
+    assert out[0] is a and out[1] is b  # the settled ones are untouched
+    assert out[2] == {"p": {"x": 3.0, "y": 5.0}}  # x: the mean of a and b; y: its own, above the mean (1.0)
+    assert expect_equal([a, b], [False, False]) == [a, b]  # nobody warming
+    assert expect_equal([a, new], [True, True]) == [a, new]  # everybody warming (a fresh start): no mean to use
+    # Every replica computes its targets from the same substituted snapshot: they still sum to 1.
+    obs = {"p": PoolObs(applied=0.3, used=0.0)}
+    demands = expect_equal([a, b, new], [False, False, True])
+    total = sum(targets(demands[i], demands[:i] + demands[i + 1:], obs)[0]["p"][POOL] for i in range(3))
+    assert abs(total - 1.0) < 1e-9, total
