@@ -343,8 +343,8 @@ class RedisStore:
         # moves; that costs a control step per sync on the admission loop, but only around a membership change.
         # Likewise this replica's first share after probation: it is ready (gets traffic) once it holds one.
         joined = self.probation and not res["probation"]  # out of probation: its first share may come now
-        # (others: the joiner's probation and warm-up; the joiner: its warm-up, so that it is ready at once)
-        settling = mono - self._replicas_changed_at < 2 * self.lease or joined or warming
+        # (others: the joiner's probation and warm-up; the joiner: its warm-up until it is ready)
+        settling = mono - self._replicas_changed_at < 2 * self.lease or joined or (warming and not self._was_ready)
         self.leader = bool(res["lead"])
         self.probation = bool(res["probation"])
         self._since = res.get("since")
