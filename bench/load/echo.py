@@ -15,18 +15,11 @@ import asyncio
 import sys
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.app import _GRPC_OPTIONS
 from extproc.envoy.health import Health
-
-
-def _body(direction: str, body: pb.HttpBody) -> pb.ProcessingResponse:
-    streamed = pb.StreamedBodyResponse(body=body.body, end_of_stream=body.end_of_stream)
-    return pb.ProcessingResponse(
-        **{direction: pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=streamed)))}
-    )
+from extproc.envoy.service import _body_response, _headers_response, _trailers_response
 
 
 class Echo(pb_grpc.ExternalProcessorServicer):
@@ -37,11 +30,12 @@ class Echo(pb_grpc.ExternalProcessorServicer):
                 return
             which = msg.WhichOneof("request")
             if which in ("request_headers", "response_headers"):
-                resp = pb.ProcessingResponse(**{which: pb.HeadersResponse()})
-            elif which in ("request_body", "response_body"):
-                resp = _body(which, getattr(msg, which))
+                resp = _headers_response(which)
+            elif which in ("request_body", "response_body"):  # built like tokenpools' own answers
+                body = getattr(msg, which)
+                resp = _body_response(which, body.body, body.end_of_stream)
             else:  # trailers
-                resp = pb.ProcessingResponse(**{which: pb.TrailersResponse()})
+                resp = _trailers_response(which)
             await context.write(resp)
             if which == "response_body" and msg.response_body.end_of_stream or which == "response_trailers":
                 return  # answered the last message: end the stream like tokenpools does (no read left pending)
