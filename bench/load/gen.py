@@ -43,6 +43,34 @@ def percentiles(values: list[float], qs=(50, 90, 99, 99.9)) -> dict[str, float |
     return {f"p{q}": round(s[min(n - 1, int(q / 100 * n))] * 1000, 3) for q in qs}
 
 
+async def read_head(reader: asyncio.StreamReader) -> tuple[str, bytes, bool]:
+    """(status, lower-cased head, connection: close) of an HTTP/1.1 response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    return head[9:12].decode(), lower, b"connection: close" in lower
+
+
+def is_chunked(lower_head: bytes) -> bool:
+    return b"transfer-encoding: chunked" in lower_head
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
+    """The next chunk of a chunked body (with its trailing CRLF), or None after the last one."""
+    line = await reader.readuntil(b"\r\n")
+    size = int(line.split(b";", 1)[0], 16)
+    if size == 0:
+        await reader.readuntil(b"\r\n")
+        return None
+    return await reader.readexactly(size + 2)
+
+
+async def read_sized(reader: asyncio.StreamReader, lower_head: bytes) -> bytes:
+    """A body of content-length bytes (none without the header)."""
+    i = lower_head.find(b"content-length:")
+    n = int(lower_head[i + 15 : lower_head.find(b"\r\n", i)]) if i >= 0 else 0
+    return await reader.readexactly(n) if n else b""
+
+
 def build_request(spec: dict) -> bytes:
     body = {
         "model": spec.get("model", "bench-model"),
@@ -82,22 +110,13 @@ async def worker(spec: dict, req: bytes, start_at: float, record_from: float, st
                 reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"], limit=1 << 20)
             t0 = clock()
             writer.write(req)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = head[9:12].decode()
-            lower = head.lower()
+            status, lower, close = await read_head(reader)
             first = None
             last = None
             gaps: list[float] = []
             chunks = 0
-            close = b"connection: close" in lower
-            if b"transfer-encoding: chunked" in lower:
-                while True:
-                    line = await reader.readuntil(b"\r\n")
-                    size = int(line.split(b";", 1)[0], 16)
-                    if size == 0:
-                        await reader.readuntil(b"\r\n")
-                        break
-                    await reader.readexactly(size + 2)
+            if is_chunked(lower):
+                while await read_chunk(reader) is not None:
                     now = clock()
                     chunks += 1
                     if first is None:
@@ -106,10 +125,7 @@ async def worker(spec: dict, req: bytes, start_at: float, record_from: float, st
                         gaps.append(now - last)
                     last = now
             else:
-                i = lower.find(b"content-length:")
-                n = int(lower[i + 15 : lower.find(b"\r\n", i)]) if i >= 0 else 0
-                if n:
-                    await reader.readexactly(n)
+                await read_sized(reader, lower)
                 first = last = clock()
             t1 = clock()
             if close:

@@ -24,6 +24,8 @@ import time
 
 import orjson
 
+from .gen import is_chunked, read_chunk, read_head, read_sized
+
 # kind -> (model role, key role, stream, tokens (lo, hi), delay_ms per token, extra headers, client action)
 KINDS: dict[str, dict] = {
     "ok": dict(model="main", key="guaranteed", stream=False, tokens=(1, 4)),
@@ -91,33 +93,18 @@ class Abort(Exception):
 
 async def read_response(reader: asyncio.StreamReader, first_chunk: asyncio.Event | None) -> tuple[str, bytes, bool, int]:
     """(status, body, connection: close, chunks) of one HTTP/1.1 response."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = head[9:12].decode()
-    lower = head.lower()
-    close = b"connection: close" in lower
+    status, lower, close = await read_head(reader)
     chunks = 0
-    body = b""
-    if b"transfer-encoding: chunked" in lower:
-        parts = []
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            size = int(line.split(b";", 1)[0], 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")
-                break
-            data = await reader.readexactly(size + 2)
-            chunks += 1
-            if len(parts) < 4:
-                parts.append(data[:-2])
-            if first_chunk is not None and b"content" in data:
-                raise Abort  # hang up mid-stream, after the first token
-        body = b"".join(parts)
-    else:
-        i = lower.find(b"content-length:")
-        n = int(lower[i + 15 : lower.find(b"\r\n", i)]) if i >= 0 else 0
-        if n:
-            body = await reader.readexactly(n)
-    return status, body, close, chunks
+    if not is_chunked(lower):
+        return status, await read_sized(reader, lower), close, chunks
+    parts = []
+    while (data := await read_chunk(reader)) is not None:
+        chunks += 1
+        if len(parts) < 4:
+            parts.append(data[:-2])
+        if first_chunk is not None and b"content" in data:
+            raise Abort  # hang up mid-stream, after the first token
+    return status, b"".join(parts), close, chunks
 
 
 class Run:
