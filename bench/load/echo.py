@@ -11,7 +11,6 @@ CPU into what grpc.aio costs by itself and what tokenpools' own work adds on top
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 import grpc

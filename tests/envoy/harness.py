@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import json
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -226,6 +225,22 @@ class Running:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
+def start_standin(stack: Stack, workdir: Path, port: int, name: str = "upstream"):
+    """The stand-in backend (extproc/envoy/standin.py) on `port`, log in workdir/NAME.log; returns once it answers."""
+    proc = stack.start(name, [sys.executable, "-m", "extproc.envoy.standin", "--port", str(port)], workdir / f"{name}.log",
+                       cwd=REPO)  # fmt: skip
+    wait_http(f"http://127.0.0.1:{port}/_stats", 20, proc)
+    return proc
+
+
+def start_server(stack: Stack, workdir: Path, config: Path, ext_proc: int, status_port: int, extra: list[str] | None = None,
+                 name: str = "tokenpools", ready: str = "/healthz", timeout: float = 20.0):  # fmt: skip
+    """`tokenpools serve` (log in workdir/NAME.log); returns once its status port answers `ready` with 200."""
+    proc = stack.start(name, serve_command_line(str(config), ext_proc, status_port, extra), workdir / f"{name}.log", cwd=REPO)
+    wait_http(f"http://127.0.0.1:{status_port}{ready}", timeout, proc)
+    return proc
+
+
 def start_envoy(stack: Stack, workdir: Path, name: str, listen: int, admin: int, ext_proc: int, upstream: int):
     bootstrap = workdir / f"{name}.yaml"
     bootstrap.write_text(render(EnvoyPorts(listen, admin, ext_proc), [("127.0.0.1", upstream)]))
@@ -240,16 +255,8 @@ def start(workdir: Path) -> Running:
     config = workdir / "config.yaml"
     config.write_text(CONFIG)
     try:
-        up = r.stack.start(
-            "upstream", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(r.upstream)], workdir / "upstream.log",
-            cwd=REPO,
-        )  # fmt: skip
-        server = r.stack.start(
-            "tokenpools", serve_command_line(str(config), r.ext_proc, r.status_port, ["--max-body-bytes", str(MAX_BODY)]),
-            workdir / "tokenpools.log", cwd=REPO,
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{r.upstream}/_stats", 20, up)
-        wait_http(f"http://127.0.0.1:{r.status_port}/healthz", 20, server)
+        start_standin(r.stack, workdir, r.upstream)
+        start_server(r.stack, workdir, config, r.ext_proc, r.status_port, ["--max-body-bytes", str(MAX_BODY)])
         start_envoy(r.stack, workdir, "envoy", r.listen, r.admin, r.ext_proc, r.upstream)
     except Exception:
         r.stack.stop()

@@ -404,22 +404,18 @@ def test_200_concurrent_with_aborts_leave_nothing_reserved(settled: Running):
 def test_ext_proc_crash_and_recovery(stack: Running, tmp_path):
     """The server dies under load: held and streaming requests end (503 / cut), new ones get 503 until it is
     back; after a restart on the same port Envoy reconnects and requests succeed again."""
-    from extproc.stack import Stack, serve_command_line, wait_http
+    from extproc.stack import Stack
 
-    from .harness import CONFIG, REPO
+    from .harness import CONFIG, start_server
 
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG)
     ext_proc, status_port, listen, admin = free_port(), free_port(), free_port(), free_port()
     own = Stack()
 
-    def start_server():
-        proc = own.start("tokenpools", serve_command_line(str(config), ext_proc, status_port), tmp_path / "srv.log", cwd=REPO)
-        wait_http(f"http://127.0.0.1:{status_port}/healthz", 20, proc)
-        return proc
 
     try:
-        server = start_server()
+        server = start_server(own, tmp_path, config, ext_proc, status_port)
         start_envoy(own, tmp_path, "envoy-crash", listen, admin, ext_proc, stack.upstream)
         url = f"http://127.0.0.1:{listen}{CHAT}"
 
@@ -454,7 +450,7 @@ def test_ext_proc_crash_and_recovery(stack: Running, tmp_path):
         # holder had been admitted and its response was pending: it may complete or be refused, never hang.
         assert holder[0] in (200, 503)
 
-        start_server()
+        start_server(own, tmp_path, config, ext_proc, status_port)
         deadline = time.monotonic() + 10
         while True:
             r = stack.request("POST", listen, CHAT, json.dumps(chat(max_tokens=1)).encode(),

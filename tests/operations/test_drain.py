@@ -6,20 +6,18 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from extproc.stack import Stack, serve_command_line, wait_http
+from extproc.stack import Stack
 
-from ..envoy.harness import free_port, start_envoy
+from ..envoy.harness import free_port, start_envoy, start_server, start_standin
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = """
 apiVersion: tokenpools.io/v1alpha1
 kind: TokenPool
@@ -73,12 +71,8 @@ def _stack(tmp_path: Path, drain: float):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(CONFIG)
     backend, ext, status, listen = free_port(), free_port(), free_port(), free_port()
-    up = stack.start("backend", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(backend)],
-                     tmp_path / "backend.log", cwd=REPO)  # fmt: skip
-    server = stack.start("server", serve_command_line(str(cfg), ext, status, ["--drain-seconds", str(drain)]),
-                         tmp_path / "server.log", cwd=REPO)  # fmt: skip
-    wait_http(f"http://127.0.0.1:{backend}/_stats", 20, up)
-    wait_http(f"http://127.0.0.1:{status}/healthz", 30, server)
+    start_standin(stack, tmp_path, backend)
+    server = start_server(stack, tmp_path, cfg, ext, status, ["--drain-seconds", str(drain)], name="server", timeout=30)
     start_envoy(stack, tmp_path, "envoy", listen, free_port(), ext, backend)
     return stack, server, status, listen
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,8 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.app import TokenpoolsServer
 from extproc.config import load_file
-from extproc.stack import serve_command_line, wait_http
-from tests.envoy.harness import CHAT, REPO, Running, free_port, sse_events, start_envoy
+from tests.envoy.harness import CHAT, Running, free_port, sse_events, start_envoy, start_server, start_standin
 
 POOL = """apiVersion: tokenpools.io/v1alpha1
 kind: TokenPool
@@ -148,11 +146,8 @@ def test_hot_reload_under_load_loses_no_request_and_leaks_nothing(tmp_path: Path
     path = tmp_path / "config.yaml"
     path.write_text(render())
     try:
-        up = stack.start("upstream", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(r.upstream)],
-                         tmp_path / "upstream.log", cwd=REPO)  # fmt: skip
-        server = stack.start("tokenpools", serve_command_line(str(path), r.ext_proc, r.status_port), tmp_path / "tokenpools.log", cwd=REPO)
-        wait_http(f"http://127.0.0.1:{r.upstream}/_stats", 20, up)
-        wait_http(f"http://127.0.0.1:{r.status_port}/healthz", 20, server)
+        start_standin(stack, tmp_path, r.upstream)
+        start_server(stack, tmp_path, path, r.ext_proc, r.status_port)
         start_envoy(stack, tmp_path, "envoy", r.listen, r.admin, r.ext_proc, r.upstream)
 
         results: list = []

@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.envoy.harness import CHAT, CONFIG, REPO, Response, Running, chat, free_port, sse_events, start_envoy, tid
+from tests.envoy.harness import CHAT, CONFIG, Response, Running, chat, free_port, sse_events, start_envoy, start_server, tid
 
 pytestmark = pytest.mark.integration
 
@@ -342,7 +342,7 @@ def test_unterminated_sse_is_metered_at_the_end(balanced: Running):
 def test_ext_proc_stopped_and_restarted_on_the_same_port(stack: Running, tmp_path):
     """failure_mode_allow: false. While the server is down every request gets 503 from Envoy and none reaches
     the backend; once it is back on the same port Envoy reconnects by itself, and the new server's books balance."""
-    from extproc.stack import Stack, serve_command_line, wait_http
+    from extproc.stack import Stack
 
     s = stack
     config = tmp_path / "config.yaml"
@@ -350,17 +350,13 @@ def test_ext_proc_stopped_and_restarted_on_the_same_port(stack: Running, tmp_pat
     ext_proc, status_port, listen, admin = free_port(), free_port(), free_port(), free_port()
     own = Stack()
 
-    def start_server():
-        proc = own.start("tokenpools", serve_command_line(str(config), ext_proc, status_port), tmp_path / "srv.log", cwd=REPO)
-        wait_http(f"http://127.0.0.1:{status_port}/healthz", 20, proc)
-        return proc
 
     def call(t: str) -> int:
         return s.request("POST", listen, CHAT, json.dumps(chat(max_tokens=1)).encode(),
                          {"authorization": "Bearer key-big-a", "x-test-id": t}, timeout=10).status  # fmt: skip
 
     try:
-        server = start_server()
+        server = start_server(own, tmp_path, config, ext_proc, status_port)
         start_envoy(own, tmp_path, "envoy-restart", listen, admin, ext_proc, s.upstream)
         assert call(tid()) == 200
         server.terminate()  # SIGTERM: the server drains and exits
@@ -371,7 +367,7 @@ def test_ext_proc_stopped_and_restarted_on_the_same_port(stack: Running, tmp_pat
             statuses.append(call(down))
         assert set(statuses) == {503}, statuses
         assert s.upstream_requests(down) == []  # failed closed: nothing went through unchecked
-        start_server()
+        start_server(own, tmp_path, config, ext_proc, status_port)
         back = tid()
         deadline = time.monotonic() + 15
         while (code := call(back)) != 200 and time.monotonic() < deadline:

@@ -9,13 +9,12 @@ import hashlib
 import http.client
 import json
 import socket
-import sys
 
 import pytest
 
 from extproc.envoy.bootstrap import EnvoyPorts, render
-from extproc.stack import Stack, envoy_command, free_port, serve_command_line, wait_http, wait_port
-from tests.envoy.harness import REPO, Running
+from extproc.stack import Stack, envoy_command, free_port, wait_http, wait_port
+from tests.envoy.harness import Running, start_server, start_standin
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +47,8 @@ def _stack(work):
     (work / "config.yaml").write_text(CONFIG)
     r = Running(work, free_port(), free_port(), free_port(), free_port(), free_port(), Stack())
     try:
-        up = r.stack.start("upstream", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(r.upstream)],
-                           work / "upstream.log", cwd=REPO)  # fmt: skip
-        server = r.stack.start("tokenpools", serve_command_line(str(work / "config.yaml"), r.ext_proc, r.status_port,
-                               ["--log-level", "debug"]), work / "tokenpools.log", cwd=REPO)  # fmt: skip
-        wait_http(f"http://127.0.0.1:{r.upstream}/_stats", 20, up)
-        wait_http(f"http://127.0.0.1:{r.status_port}/healthz", 20, server)
+        start_standin(r.stack, work, r.upstream)
+        start_server(r.stack, work, work / "config.yaml", r.ext_proc, r.status_port, ["--log-level", "debug"])
         (work / "envoy.yaml").write_text(render(EnvoyPorts(r.listen, r.admin, r.ext_proc), [("127.0.0.1", r.upstream)]))
         envoy = r.stack.start("envoy", envoy_command(work / "envoy.yaml", "info", 1), work / "envoy.log")
         wait_http(f"http://127.0.0.1:{r.admin}/ready", 30, envoy)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 
 import grpc
@@ -20,9 +19,9 @@ from extproc.scaler import externalscaler_pb2 as pb
 from extproc.scaler import externalscaler_pb2_grpc as pb_grpc
 from extproc.scaler.capacity import ScalingPolicy
 from extproc.scaler.controller import ControllerOptions
-from extproc.stack import Stack, envoy_command, free_port, serve_command_line, wait_http, wait_port
+from extproc.stack import Stack, envoy_command, free_port, wait_http, wait_port
 from extproc.tls import server_credentials
-from tests.envoy.harness import REPO, Running
+from tests.envoy.harness import Running, start_server, start_standin
 
 from .conftest import SNI
 
@@ -67,12 +66,8 @@ def test_envoy_to_ext_proc_over_mutual_tls_serves_a_request(tmp_path, certs):
     r = Running(tmp_path, free_port(), free_port(), free_port(), free_port(), free_port(), Stack())
     tls = ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca)]
     try:
-        up = r.stack.start("upstream", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(r.upstream)],
-                           tmp_path / "upstream.log", cwd=REPO)  # fmt: skip
-        server = r.stack.start("tokenpools", serve_command_line(str(tmp_path / "config.yaml"), r.ext_proc, r.status_port, tls),
-                               tmp_path / "tokenpools.log", cwd=REPO)  # fmt: skip
-        wait_http(f"http://127.0.0.1:{r.upstream}/_stats", 20, up)
-        wait_http(f"http://127.0.0.1:{r.status_port}/healthz", 20, server)
+        start_standin(r.stack, tmp_path, r.upstream)
+        start_server(r.stack, tmp_path, tmp_path / "config.yaml", r.ext_proc, r.status_port, tls)
         base = render(EnvoyPorts(r.listen, r.admin, r.ext_proc), [("127.0.0.1", r.upstream)])
         (tmp_path / "envoy.yaml").write_text(with_ext_proc_tls(base, SNI, str(certs.ca), str(certs.client_cert), str(certs.client_key)))
         envoy = r.stack.start("envoy", envoy_command(tmp_path / "envoy.yaml", "warning", 1), tmp_path / "envoy.log")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import pytest
 
 from extproc.stack import Stack, serve_command_line, wait_http
 
-from ..envoy.harness import free_port, start_envoy
+from ..envoy.harness import free_port, start_envoy, start_standin
 from .harness import claims
 
 pytestmark = pytest.mark.integration
@@ -91,14 +90,12 @@ def test_three_servers_behind_envoys_share_one_pool(redis_server, tmp_path):
     backend = free_port()
     servers = []  # (name, proc, ext_proc port, status port, listen port)
     try:
-        up = stack.start("backend", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(backend)],
-                         tmp_path / "backend.log", cwd=REPO)  # fmt: skip
+        start_standin(stack, tmp_path, backend)
         for name in ("r0", "r1", "r2"):
             ext, status = free_port(), free_port()
             url = f"{redis_server.url}?interval={INTERVAL}&lease={LEASE}&replica={name}"
             cmd = serve_command_line(str(cfg), ext, status, ["--scaler-port", "0", "--state", url])
             servers.append((name, stack.start(name, cmd, tmp_path / f"{name}.log", cwd=REPO), ext, status, free_port()))
-        wait_http(f"http://127.0.0.1:{backend}/_stats", 20, up)
         for name, proc, ext, status, listen in servers:
             wait_http(f"http://127.0.0.1:{status}/healthz", 30, proc)
             start_envoy(stack, tmp_path, f"envoy-{name}", listen, free_port(), ext, backend)

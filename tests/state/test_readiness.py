@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import http.client
 import time
-from pathlib import Path
 
 import pytest
 
-from extproc.stack import Stack, serve_command_line, wait_http
+from extproc.stack import Stack
 
-from ..envoy.harness import free_port
+from ..envoy.harness import free_port, start_server
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = """
 apiVersion: tokenpools.io/v1alpha1
 kind: TokenPool
@@ -46,8 +44,7 @@ def test_not_ready_until_it_holds_a_share(redis_server, tmp_path):
     try:
         ext, status = free_port(), free_port()
         url = f"{redis_server.url}?interval=0.2&lease={LEASE}&replica=r0"
-        proc = stack.start("r0", serve_command_line(str(cfg), ext, status, ["--state", url]), tmp_path / "r0.log", cwd=REPO)
-        wait_http(f"http://127.0.0.1:{status}/livez", 30, proc)
+        start_server(stack, tmp_path, cfg, ext, status, ["--state", url], name="r0", ready="/livez", timeout=30)
         t0 = time.monotonic()
         while time.monotonic() - t0 < LEASE + 2.0:
             code, text = _get(status, "/healthz")

@@ -7,23 +7,20 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml
 
 from extproc.envoy.bootstrap import EnvoyPorts, render
-from extproc.stack import Stack, envoy_command, serve_command_line, wait_http, wait_port
+from extproc.stack import Stack, envoy_command, wait_http, wait_port
 
-from ..envoy.harness import free_port
+from ..envoy.harness import free_port, start_server, start_standin
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = """
 apiVersion: tokenpools.io/v1alpha1
 kind: TokenPool
@@ -96,15 +93,11 @@ def test_rolling_update_under_load_refuses_nothing(redis_server, tmp_path):
     def start(name: str):
         ext, status = ports[name]
         url = f"{redis_server.url}?interval={INTERVAL}&lease={LEASE}&replica={name}"
-        cmd = serve_command_line(str(cfg), ext, status, ["--state", url, "--drain-seconds", "15"])
-        proc = stack.start(name, cmd, tmp_path / f"{name}.log", cwd=REPO)
-        wait_http(f"http://127.0.0.1:{status}/livez", 30, proc)
-        return proc
+        return start_server(stack, tmp_path, cfg, ext, status, ["--state", url, "--drain-seconds", "15"], name=name,
+                            ready="/livez", timeout=30)  # fmt: skip
 
     try:
-        up = stack.start("backend", [sys.executable, "-m", "extproc.envoy.standin", "--port", str(backend)],
-                         tmp_path / "backend.log", cwd=REPO)  # fmt: skip
-        wait_http(f"http://127.0.0.1:{backend}/_stats", 20, up)
+        start_standin(stack, tmp_path, backend)
         procs = {n: start(n) for n in ("old-a", "old-b")}
         for n in ("old-a", "old-b"):
             wait_http(f"http://127.0.0.1:{ports[n][1]}/healthz", 20, procs[n])  # ready: holds a share
