@@ -449,6 +449,16 @@ def strategies():
         st.text(max_size=20), st.sampled_from(["", "gzip", "identity", "Bearer k", "Bearer ks", "bearer  k ", "99999999999"])
     )
 
+    def _body_steps(draw, steps: list, kind: str, data: bytes) -> None:
+        """`data` as KIND_body steps cut at up to 4 drawn places, and sometimes KIND_trailers ending it."""
+        pieces = sorted(set(draw(st.lists(st.integers(0, len(data)), max_size=4))))
+        chunks = [data[a:b] for a, b in zip([0] + pieces, pieces + [len(data)])]
+        trailers = draw(st.integers(0, 5)) == 0
+        for i, c in enumerate(chunks):
+            steps.append((f"{kind}_body", c, i == len(chunks) - 1 and not trailers))
+        if trailers:
+            steps.append((f"{kind}_trailers",))
+
     @st.composite
     def plan(draw):
         key = draw(st.sampled_from(["Bearer k", "Bearer ks", "Bearer nope", "", "Basic k", "Bearer k"]))
@@ -473,13 +483,7 @@ def strategies():
                 pass
         if draw(st.integers(0, 6)) == 0:
             raw = raw * draw(st.integers(2, 200))  # maybe over the 4 KiB limit
-        pieces = sorted(set(draw(st.lists(st.integers(0, len(raw)), max_size=4))))
-        chunks = [raw[a:b] for a, b in zip([0] + pieces, pieces + [len(raw)])]
-        trailers = draw(st.integers(0, 5)) == 0
-        for i, c in enumerate(chunks):
-            steps.append(("req_body", c, i == len(chunks) - 1 and not trailers))
-        if trailers:
-            steps.append(("req_trailers",))
+        _body_steps(draw, steps, "req", raw)
         if draw(st.booleans()):
             steps.append(("tick", draw(st.sampled_from([0.0, 0.5, 1.0, 6.0]))))
         status = draw(st.sampled_from(["200"] * 4 + ["500", "429", "204", "abc", ""]))
@@ -489,13 +493,7 @@ def strategies():
             body = draw(valid_stream())["sent"]
         else:
             body = draw(garbage())[0]
-        pieces = sorted(set(draw(st.lists(st.integers(0, len(body)), max_size=4))))
-        chunks = [body[a:b] for a, b in zip([0] + pieces, pieces + [len(body)])]
-        resp_trailers = draw(st.integers(0, 5)) == 0
-        for i, c in enumerate(chunks):
-            steps.append(("resp_body", c, i == len(chunks) - 1 and not resp_trailers))
-        if resp_trailers:
-            steps.append(("resp_trailers",))
+        _body_steps(draw, steps, "resp", body)
         cut = draw(st.integers(1, len(steps)))
         if draw(st.integers(0, 2)) == 0:
             steps = steps[:cut] + [("abort",)]
