@@ -268,7 +268,7 @@ class RedisStore:
         pipe.get(self.keys[3])
         claims_raw, info_raw, prio_raw = await pipe.execute()
 
-        horizon = None if self._offset_ms is None else time.monotonic() * 1000 + self._offset_ms
+        horizon = self._redis_now()
         others: dict[str, dict] = {}
         for rid, raw in claims_raw.items():
             if rid == me:
@@ -295,8 +295,9 @@ class RedisStore:
         mine = demand
         if me in info_raw:
             mine = orjson.loads(info_raw[me]).get("d", demand)
-        warming = horizon is not None and self._warming(self._since, horizon)
-        if horizon is not None:  # replicas in their first lease after probation count as an equal part
+        warming = False
+        if horizon is not None:  # replicas just out of probation count as at least an equal part of the demand
+            warming = self._warming(self._since, horizon)
             warm = [warming] + [self._warming(rec.get("since"), horizon) for rec in others.values()]
             mine, *theirs = expect_equal([mine, *theirs], warm)
         self.targets, follow = await _sliced(targets_steps(mine, theirs, obs, self.prior))
@@ -338,12 +339,11 @@ class RedisStore:
         if self.syncs > 1 and int(res["n"]) != self.live:
             self._replicas_changed_at = mono
         self.live = int(res["n"])
-        # A replica came or went: its share changes hands now. For one lease (until every replica has seen the
-        # change and re-split) moves apply at once, not at the next control period or after the spacing of small
-        # moves; that costs a control step per sync on the admission loop, but only around a membership change.
-        # Likewise this replica's first share after probation: it is ready (gets traffic) once it holds one.
+        # A replica came or went: its share changes hands now. Moves apply at once, not at the next control period
+        # or after the spacing of small moves, for two leases after the change (a joiner's probation and the start
+        # of its warm-up), and for a joiner from the end of its probation until it is ready. That costs a control
+        # step per sync on the admission loop, but only around a membership change.
         joined = self.probation and not res["probation"]  # out of probation: its first share may come now
-        # (others: the joiner's probation and warm-up; the joiner: its warm-up until it is ready)
         settling = mono - self._replicas_changed_at < 2 * self.lease or joined or (warming and not self._was_ready)
         self.leader = bool(res["lead"])
         self.probation = bool(res["probation"])
@@ -373,8 +373,8 @@ class RedisStore:
         """Give the engine its shares (entitlements not named follow the pool share); skip when nothing moved.
 
         Small moves (< BIG_MOVE on every key) are applied at most once every two control periods of the pool.
-        Every move but an urgent one (fail static; a lease after the live replicas changed) takes effect at the
-        pool's next control period rather than now:
+        Every move but an urgent one (fail static; around a change of the live replicas, see _sync) takes effect
+        at the pool's next control period rather than now:
         a control step costs O(entitlements) on the admission loop, and the period's own step runs anyway.
         Deferring and skipping are always safe: the claim covers both the applied and the pending share."""
         moves = [abs(share - po.applied)] + [abs(v - po.ents[n].applied) for n, v in named.items()]
@@ -439,6 +439,10 @@ class RedisStore:
             events.extend(self._apply(pool, po, share, named, now, urgent=True))
         return events
 
+    def _redis_now(self) -> float | None:
+        """Redis TIME in ms, from the local monotonic clock and the offset measured at the last sync."""
+        return None if self._offset_ms is None else time.monotonic() * 1000 + self._offset_ms
+
     def _warming(self, since: float | None, now_ms: float) -> bool:
         """Out of probation less than WARM_LEASES leases ago: ready, and its demand still building up."""
         ttl = self.lease * 1000
@@ -456,9 +460,8 @@ class RedisStore:
         if not pools:
             return True
         holds = any(p.share > MIN_SHARE for p in pools.values())
-        if not self._was_ready and self.mode == "redis" and self._offset_ms is not None and self._warming(
-            self._since, time.monotonic() * 1000 + self._offset_ms
-        ):
+        now_ms = self._redis_now()
+        if not self._was_ready and self.mode == "redis" and now_ms is not None and self._warming(self._since, now_ms):
             # The first time: once the share meant for an equal part of the traffic is (half) there. Then it stays
             # ready while it holds any share: a replica flapping between ready and not would make the load
             # balancer's view of the healthy replicas flap too (Envoy's panic routing, a Service's endpoints).
